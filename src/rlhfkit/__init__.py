@@ -1,0 +1,3 @@
+"""rlhfkit: reinforcement learning from human feedback, the whole loop."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,186 @@
+"""Shared config pieces and the one path from dataclass to CLI.
+
+Each stage's config is a dataclass built from the shared pieces below (model, data, optimiser,
+run) plus its own fields. Its fields are its command-line flags (through tyro): the docstring under
+each field is its help line, written once. ``--config file.yaml`` supplies defaults, which flags
+override. The resolved config is printed at start and saved in the run directory.
+
+Batch arithmetic lives in one place, :func:`accumulation_steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+@dataclass
+class ModelArgs:
+    model: str = "smollm2-135m-instruct"
+    """Model: 'smollm2-135m-instruct' (bundled), 'tiny' (random, for tests), a local Hugging Face folder or a .gguf file."""
+    lora_r: int = 0
+    """LoRA rank; 0 trains every weight."""
+    lora_alpha: float = 32.0
+    """LoRA scale numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input (kept 0 for RL stages)."""
+    lora_targets: str = "all-linear"
+    """Modules that get LoRA: 'all-linear' or a comma list such as 'q_proj,v_proj'."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """'bf16' runs forward and backward under bf16 autocast (CPU or GPU); weights stay fp32."""
+    disable_dropout: bool = True
+    """Set every dropout to 0 (required for RL: reproducible logprobs, PPO ratio 1 at the start)."""
+
+
+@dataclass
+class DataArgs:
+    train: str = ""
+    """Training data: jsonl/json/csv/parquet (optionally .gz) or a datasets save_to_disk folder."""
+    eval: str = ""
+    """Held-out data; when empty, --eval-size records are held out of --train."""
+    eval_size: float = 0.0
+    """Records held out of --train for evaluation: a count (>= 1) or a fraction (< 1)."""
+    split_seed: int = 0
+    """Seed of the deterministic train/eval split."""
+    fields: str = ""
+    """Column mapping, e.g. 'prompt=question,response=answer'."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """A malformed record stops the run ('error', naming file, line and field) or is skipped and counted ('skip')."""
+    max_length: int = 512
+    """Maximum tokens of prompt plus response."""
+    truncation: Literal["prompt_left", "right", "drop"] = "prompt_left"
+    """Overlong pairs: cut the prompt's oldest tokens, cut the end, or drop the pair (all reported)."""
+    limit: int = 0
+    """Use only the first N valid training records (0: all)."""
+
+
+@dataclass
+class OptimArgs:
+    lr: float = 2e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay, applied to matrices only."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming the learning rate up linearly from 0."""
+    min_lr_ratio: float = 0.0
+    """Cosine decay ends at lr * min_lr_ratio (0 anneals to zero, as in Ziegler et al.)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    batch_size: int = 8
+    """Examples per optimiser step, summed over all processes."""
+    micro_batch_size: int = 8
+    """Examples per forward pass on one process; gradient accumulation makes up the rest."""
+    epochs: int = 1
+    """Passes over the training data."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps (0: run the epochs)."""
+
+
+@dataclass
+class RunArgs:
+    name: str = ""
+    """Run name; the run directory is <output-dir>/<name> (default: stage and time)."""
+    output_dir: str = "runs"
+    """Parent folder of run directories."""
+    seed: int = 0
+    """Seed for initialisation, data order and sampling."""
+    resume: bool = False
+    """Continue the named run (or the newest unfinished run of this stage) from its last good checkpoint."""
+    save_every: int = 50
+    """Write a checkpoint every N optimiser steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk; older ones are deleted."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    progress: bool = True
+    """Show progress bars with ETA."""
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches per optimiser step on each process: batch = micro * accumulation * processes.
+
+    >>> accumulation_steps(8, 2, 2)
+    2
+    """
+    per_step = micro_batch_size * world_size
+    if batch_size < 1 or micro_batch_size < 1 or batch_size % per_step:
+        raise ValueError(
+            f"batch_size {batch_size} must be a positive multiple of micro_batch_size {micro_batch_size} x "
+            f"{world_size} process(es) = {per_step}"
+        )
+    return batch_size // per_step
+
+
+def load_yaml(cls: type[C], path: str | Path, section: str | None = None) -> C:
+    """Defaults for ``cls`` from a YAML file (optionally one top-level section of it).
+    Unknown keys are an error that names the file and the key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise SystemExit(f"error: config file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise SystemExit(f"error: {path}: invalid YAML: {e}") from None
+    if section is not None:
+        data = data.get(section, {}) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path}: expected a mapping of field: value")
+    return from_dict(cls, data, where=str(path))
+
+
+def from_dict(cls: type[C], data: dict, where: str = "config") -> C:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise SystemExit(f"error: {where}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; "
+                         f"known: {', '.join(names)}")
+    return cls(**{k.replace("-", "_"): v for k, v in data.items()})
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def parse(cls: type[C], argv: list[str], prog: str, description: str = "") -> C:
+    """Parse ``argv`` into ``cls``: ``--config file.yaml`` gives defaults, flags override them."""
+    import tyro
+
+    default = None
+    rest = list(argv)
+    for i, arg in enumerate(rest):
+        if arg == "--config" or arg.startswith("--config="):
+            value = arg.split("=", 1)[1] if "=" in arg else (rest[i + 1] if i + 1 < len(rest) else None)
+            if value is None:
+                raise SystemExit("error: --config needs a YAML file")
+            del rest[i: i + (1 if "=" in arg else 2)]
+            default = load_yaml(cls, value)
+            break
+    if "-h" in rest or "--help" in rest:
+        description += "\n\n--config FILE.yaml supplies defaults for these flags."
+    return tyro.cli(cls, args=rest, default=default, prog=prog, description=description)
+
+
+def print_config(cfg, stream=sys.stderr) -> None:
+    print(f"# resolved {type(cfg).__name__}\n{dump(cfg)}", file=stream, flush=True)

@@ -1,0 +1,5 @@
+"""The one error type for bad input. Its message names the file, the line and the field."""
+
+
+class DataError(ValueError):
+    """Bad input data. The message always starts with 'path:line:' and names the field."""

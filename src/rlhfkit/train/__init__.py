@@ -1,0 +1,1 @@
+"""One file per stage, each with its loop visible top to bottom."""

@@ -1,0 +1,155 @@
+"""Training machinery every stage shares: the accelerator, model set-up (LoRA, dropout, gradient
+checkpointing), AdamW with warmup and cosine decay, the data order, and the progress bar.
+
+Scale-out goes through ``accelerate launch`` (DDP, FSDP, DeepSpeed); nothing here is a home-made
+distributed engine. One optimiser step consumes ``batch_size`` examples over all processes: each
+process takes its contiguous share of the step's examples and splits it into micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.config import ModelArgs, OptimArgs, accumulation_steps
+
+
+def make_accelerator(cfg: ModelArgs, grad_accum: int = 1):
+    """An ``accelerate.Accelerator`` for this process: device, bf16 autocast, accumulation."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+
+    plugin = GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False)
+    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_plugin=plugin)
+
+
+def world_size() -> int:
+    """Processes in this launch, known before the accelerator exists (set by accelerate launch)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def prepare_model(model, cfg: ModelArgs, modules_to_save: list[str] | None = None):
+    """Dropout off, gradient checkpointing, LoRA: in that order, on a freshly loaded model."""
+    from rlhfkit.models import apply_lora, disable_dropout
+
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora_r > 0:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                           modules_to_save=modules_to_save)
+    model.train()
+    return model
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """The learning-rate multiplier for 0-based step ``step``: linear warmup over ``warmup`` steps,
+    then cosine decay towards ``min_ratio`` at step ``total``:
+
+        f(s) = (s + 1) / (warmup + 1)                                            for s < warmup
+        f(s) = min + (1 - min) * (1 + cos(pi * (s - warmup) / (total - warmup))) / 2   after
+
+    >>> lr_factor(0, 10, 1), lr_factor(1, 10, 1), lr_factor(10, 10, 1)
+    (0.5, 1.0, 0.0)
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model, cfg: OptimArgs, total_steps: int):
+    """AdamW over trainable parameters (weight decay on matrices only) and its LR schedule."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.min_lr_ratio))
+    return optimizer, scheduler
+
+
+@dataclass
+class BatchPlan:
+    """Which examples each process sees at each optimiser step.
+
+    Epoch e visits the examples in the order ``random.Random(seed + e).shuffle``; step s of the
+    epoch takes positions [s*B, (s+1)*B) of that order, wrapping around at the end so no example
+    is dropped (the last batch of an epoch repeats a few from its start). Process r of W takes the
+    r-th contiguous share and splits it into micro-batches. The plan depends only on the step number,
+    so resuming at step s reproduces the same data exactly.
+    """
+
+    n: int
+    batch_size: int
+    micro_batch_size: int
+    world: int = 1
+    rank: int = 0
+    seed: int = 0
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError("no training examples")
+        self.accum = accumulation_steps(self.batch_size, self.micro_batch_size, self.world)
+        self.steps_per_epoch = math.ceil(self.n / self.batch_size)
+
+    def order(self, epoch: int) -> list[int]:
+        idx = list(range(self.n))
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(idx)
+        return idx
+
+    def step_indices(self, step: int) -> list[int]:
+        """All examples of optimiser step ``step`` (0-based), over all processes."""
+        epoch, s = divmod(step, self.steps_per_epoch)
+        order = self.order(epoch)
+        return [order[(s * self.batch_size + i) % self.n] for i in range(self.batch_size)]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This process's micro-batches for step ``step``."""
+        share = self.batch_size // self.world
+        mine = self.step_indices(step)[self.rank * share: (self.rank + 1) * share]
+        m = self.micro_batch_size
+        return [mine[i: i + m] for i in range(0, share, m)]
+
+
+def total_steps(cfg: OptimArgs, plan: BatchPlan) -> int:
+    return cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * plan.steps_per_epoch
+
+
+def progress(iterable, enabled: bool, desc: str, initial: int = 0, total: int | None = None):
+    """A tqdm bar with ETA on the main process; the plain iterable elsewhere."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, initial=initial, total=total, dynamic_ncols=True)
+
+
+def save_hf(accelerator, model, tokenizer, folder) -> None:
+    """Save ``model`` in Hugging Face format, LoRA merged in, with its tokenizer."""
+    from rlhfkit.models import merged
+
+    unwrapped = accelerator.unwrap_model(model)
+    if hasattr(unwrapped, "merge_and_unload"):
+        import copy
+
+        unwrapped = merged(copy.deepcopy(unwrapped))
+        state = unwrapped.state_dict()
+    else:
+        state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(folder, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(folder)

@@ -1,0 +1,191 @@
+"""Stage 0: supervised fine-tuning on demonstrations (``rlhfkit sft``).
+
+Loss on response tokens only, EOS appended to every response, optional packing. The loss is the
+token mean over the whole optimiser step, so batch 8 equals batch 1 x accumulation 8 and two
+processes equal one process with accumulation 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs, print_config
+from rlhfkit.data import load_records, pad, position_ids, train_eval_split
+from rlhfkit.data.template import Encoded, encode_examples
+from rlhfkit.losses import IGNORE, sft_loss, token_nll
+from rlhfkit.models import count_parameters, load_causal_lm
+from rlhfkit.run import NonFiniteError, Run, check_finite
+from rlhfkit.train.common import (
+    BatchPlan,
+    build_optimizer,
+    make_accelerator,
+    prepare_model,
+    progress,
+    save_hf,
+    total_steps,
+    world_size,
+)
+
+
+@dataclass
+class SFTConfig(RunArgs, OptimArgs, DataArgs, ModelArgs):
+    """Supervised fine-tuning: loss on response tokens only, EOS appended."""
+
+    packing: bool = False
+    """Concatenate each micro-batch into one row with restarting position ids (no padding, no
+    cross-attention between examples)."""
+
+
+def collate(examples: list[Encoded], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
+    """Tensors for one micro-batch. Labels are -100 on the prompt and on padding.
+
+    Unpacked: right-padded (B, T_max) with an attention mask. Packed: one row (1, sum T) with
+    position ids that restart at 0 for each example and no attention mask, which transformers turns
+    into a block-diagonal causal mask, so examples never attend to each other.
+    """
+    labels = [[IGNORE] * e.prompt_len + e.response_ids for e in examples]
+    if packing:
+        ids = torch.tensor([[t for e in examples for t in e.input_ids]])
+        pos = torch.tensor([[p for e in examples for p in range(len(e.input_ids))]])
+        return {"input_ids": ids, "position_ids": pos, "labels": torch.tensor([[t for lab in labels for t in lab]])}
+    ids = pad([e.input_ids for e in examples], pad_id, side="right")
+    mask = pad([[1] * len(e.input_ids) for e in examples], 0, side="right")
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask),
+            "labels": pad(labels, IGNORE, side="right")}
+
+
+def n_supervised(examples: list[Encoded]) -> int:
+    """Tokens that carry loss: every response token (the first one is predicted from the prompt)."""
+    return sum(len(e.input_ids) - e.prompt_len for e in examples)
+
+
+def load_data(cfg: SFTConfig, tokenizer, log=print):
+    """Demonstrations for training and evaluation, encoded, with a report of what was not used."""
+    loaded = load_records(cfg.train, kind="demonstration", fields=cfg.fields, on_bad_record=cfg.on_bad_record)
+    log(loaded.summary())
+    records = loaded.records
+    if cfg.eval:
+        held = load_records(cfg.eval, kind="demonstration", fields=cfg.fields, on_bad_record=cfg.on_bad_record).records
+    elif cfg.eval_size:
+        records, held = train_eval_split(records, cfg.eval_size, cfg.split_seed)
+    else:
+        held = []
+    if cfg.limit:
+        records = records[: cfg.limit]
+    out = []
+    for name, recs in (("train", records), ("eval", held)):
+        enc, report = encode_examples(tokenizer, [(r.prompt, r.response, r.source) for r in recs],
+                                      cfg.max_length, cfg.truncation)
+        if report["truncated"] or report["dropped"]:
+            log(f"{name}: {report['truncated']} truncated ({cfg.truncation}), {report['dropped']} dropped as "
+                f"longer than {cfg.max_length} tokens, e.g. {report['dropped_examples'][:2]}")
+        out.append((enc, report))
+    return out[0], out[1], loaded
+
+
+def train(cfg: SFTConfig) -> Run:
+    world = world_size()
+    plan_accum = BatchPlan(1, cfg.batch_size, cfg.micro_batch_size, world).accum  # validates batch arithmetic
+    accelerator = make_accelerator(cfg, plan_accum)
+    main = accelerator.is_main_process
+    log = print if main else (lambda *a, **k: None)
+    if main:
+        print_config(cfg)
+    run = Run.open(cfg, "sft", inputs={"train": cfg.train, "eval": cfg.eval, "model": cfg.model}, is_main=main)
+    try:
+        # 1. model and data
+        model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
+        (train_set, train_report), (eval_set, _), loaded = load_data(cfg, tokenizer, log)
+        run.update_manifest(data={"train": train_report | {"skipped_malformed": loaded.skipped}})
+        model = prepare_model(model, cfg)
+        trainable, total = count_parameters(model)
+        log(f"model {cfg.model}: {trainable:,} of {total:,} parameters trainable")
+        plan = BatchPlan(len(train_set), cfg.batch_size, cfg.micro_batch_size, world, accelerator.process_index, cfg.seed)
+        steps = total_steps(cfg, plan)
+        optimizer, scheduler = build_optimizer(model, cfg, steps)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        params = [p for p in model.parameters() if p.requires_grad]
+        start = run.load_checkpoint(accelerator)["step"] if cfg.resume else 0
+        if start:
+            log(f"resumed {run.path} at step {start}")
+
+        # 2. the loop: one optimiser step per iteration
+        bar = progress(range(start, steps), main and cfg.progress, "sft", initial=start, total=steps)
+        for step in bar:
+            micro = [[train_set[i] for i in mb] for mb in plan.micro_batches(step)]
+            # the global token count normalises every micro-batch's sum (reference §8 item 9)
+            n_tokens = accelerator.reduce(torch.tensor(float(sum(n_supervised(mb) for mb in micro)),
+                                                       device=accelerator.device), "sum").item()
+            step_loss = torch.zeros((), device=accelerator.device)
+            for mb in micro:
+                batch = {k: v.to(accelerator.device) for k, v in collate(mb, tokenizer.pad_token_id, cfg.packing).items()}
+                labels = batch.pop("labels")
+                with accelerator.accumulate(model):
+                    loss = sft_loss(model(**batch, use_cache=False).logits, labels, n_tokens)
+                    check_finite(step + 1, loss=loss)
+                    # accelerate divides by the accumulation steps and DDP averages over processes:
+                    # undo both so the step's gradient is that of the global token mean
+                    accelerator.backward(loss * plan.accum * world)
+                step_loss += loss.detach()
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            check_finite(step + 1, grad_norm=grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = accelerator.reduce(step_loss, "sum").item()
+
+            metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                       "tokens": int(n_tokens), "epoch": round((step + 1) / plan.steps_per_epoch, 4)}
+            if eval_set and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                metrics["eval_loss"] = evaluate(model, eval_set, tokenizer.pad_token_id, cfg, accelerator)
+            run.log(step + 1, **metrics)
+            if main and cfg.progress:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
+                run.save_checkpoint(accelerator, step + 1)
+
+        # 3. final evaluation and the Hugging Face model
+        summary = {"steps": steps, "final_loss": run.metrics()[-1]["loss"] if main and run.metrics() else None}
+        if eval_set:
+            summary["eval_loss"] = evaluate(model, eval_set, tokenizer.pad_token_id, cfg, accelerator)
+            log(f"eval loss {summary['eval_loss']:.4f} on {len(eval_set)} examples")
+        run.save_final(lambda folder: save_hf(accelerator, model, tokenizer, folder))
+        run.finish(**summary)
+        log(f"done: {run.path}")
+        return run
+    except NonFiniteError as e:
+        run.fail(str(e))
+        raise SystemExit(f"stopped: {e}; the last good checkpoint is {run.latest_checkpoint()}") from None
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[Encoded], pad_id: int, cfg: SFTConfig, accelerator) -> float:
+    """Token-mean NLL of the responses, each process taking every world-th example."""
+    model.eval()
+    mine = examples[accelerator.process_index:: accelerator.num_processes]
+    nll = torch.zeros((), device=accelerator.device)
+    count = torch.zeros((), device=accelerator.device)
+    for i in range(0, len(mine), cfg.micro_batch_size):
+        chunk = mine[i: i + cfg.micro_batch_size]
+        batch = {k: v.to(accelerator.device) for k, v in collate(chunk, pad_id, cfg.packing).items()}
+        labels = batch.pop("labels")
+        nll += token_nll(model(**batch, use_cache=False).logits, labels).sum()
+        count += n_supervised(chunk)
+    model.train()
+    return (accelerator.reduce(nll, "sum") / accelerator.reduce(count, "sum").clamp(min=1)).item()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rlhfkit.config import parse
+
+    cfg = parse(SFTConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit sft", description=SFTConfig.__doc__)
+    if not cfg.train:
+        raise SystemExit("error: --train FILE is required (demonstrations: prompt/response, messages, or preferences)")
+    if not Path(cfg.train).exists():
+        raise SystemExit(f"error: --train {cfg.train}: no such file")
+    train(cfg)
