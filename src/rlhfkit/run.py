@@ -39,7 +39,8 @@ def check_finite(step: int, **values) -> None:
     """Raise :class:`NonFiniteError` if any value is NaN or inf."""
     import math
 
-    bad = {k: float(v) for k, v in values.items() if not math.isfinite(float(getattr(v, "detach", lambda: v)()))}
+    plain = {k: float(v.detach()) if hasattr(v, "detach") else float(v) for k, v in values.items()}
+    bad = {k: v for k, v in plain.items() if not math.isfinite(v)}
     if bad:
         raise NonFiniteError(f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}")
 

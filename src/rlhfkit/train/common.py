@@ -20,8 +20,14 @@ from rlhfkit.config import ModelArgs, OptimArgs, accumulation_steps
 def make_accelerator(cfg: ModelArgs, grad_accum: int = 1):
     """An ``accelerate.Accelerator`` for this process: device, bf16 autocast, accumulation."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import GradientAccumulationPlugin
 
+    # Several stages may run one after another in one process (the pipeline, the tests), each with
+    # its own precision and accumulation: start each from a fresh accelerate state. The process
+    # group itself (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     plugin = GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False)
     return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_plugin=plugin)
 

@@ -112,6 +112,10 @@ def train(cfg: SFTConfig) -> Run:
         start = run.load_checkpoint(accelerator)["step"] if cfg.resume else 0
         if start:
             log(f"resumed {run.path} at step {start}")
+        elif eval_set:
+            before = evaluate(model, eval_set, tokenizer.pad_token_id, cfg, accelerator)
+            run.log(0, eval_loss=before)
+            log(f"eval loss before training {before:.4f} on {len(eval_set)} examples")
 
         # 2. the loop: one optimiser step per iteration
         bar = progress(range(start, steps), main and cfg.progress, "sft", initial=start, total=steps)
@@ -150,7 +154,8 @@ def train(cfg: SFTConfig) -> Run:
                 run.save_checkpoint(accelerator, step + 1)
 
         # 3. final evaluation and the Hugging Face model
-        summary = {"steps": steps, "final_loss": run.metrics()[-1]["loss"] if main and run.metrics() else None}
+        logged = [m["loss"] for m in run.metrics() if "loss" in m] if main else []
+        summary = {"steps": steps, "final_loss": logged[-1] if logged else None}
         if eval_set:
             summary["eval_loss"] = evaluate(model, eval_set, tokenizer.pad_token_id, cfg, accelerator)
             log(f"eval loss {summary['eval_loss']:.4f} on {len(eval_set)} examples")
