@@ -1,0 +1,70 @@
+import math
+
+import pytest
+import torch
+
+from rlhfkit.data import encode_prompt, encode_response, pad
+from rlhfkit.models.reward import last_token_index, load_reward_model, save_reward_model, score
+
+PROMPTS = [[{"role": "user", "content": f"Question number {i}: " + "why? " * i}] for i in range(8)]
+ANSWERS = [("Because. " * (i % 3 + 1)).strip() for i in range(8)]
+
+
+def test_last_token_index_left_and_right():
+    assert last_token_index(torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 1, 1]])).tolist() == [1, 3, 3]
+
+
+def test_head_init_scale():
+    """The head is N(0, 1/sqrt(d+1)): for d = 64, std 0.1240 (the 64 weights' sample std is within 25%)."""
+    rm, _ = load_reward_model("tiny", seed=0)
+    w = rm.hf.score.weight
+    assert w.shape == (1, 64) and rm.hf.score.bias is None
+    assert abs(w.std().item() - 1 / math.sqrt(65)) < 0.25 / math.sqrt(65)
+
+
+def test_score_independent_of_padding_side_and_batch_size():
+    """Reference §8 item 1: the same scores under left and right padding, batch 1 and batch 8."""
+    rm, tok = load_reward_model("tiny", seed=0)
+    runs = {(side, bs): score(rm, tok, PROMPTS, ANSWERS, batch_size=bs, side=side)
+            for side in ("left", "right") for bs in (1, 8)}
+    base = runs[("right", 1)]
+    assert len(set(round(x, 3) for x in base)) > 1
+    for key, vals in runs.items():
+        assert vals == pytest.approx(base, abs=1e-5), key
+
+
+def test_prefix_sharing_equals_full_forward():
+    """Running the prompt once and both responses on its cache gives the rewards of two full passes."""
+    rm, tok = load_reward_model("tiny", seed=0)
+    prompts = [encode_prompt(tok, p) for p in PROMPTS[:3]]
+    resp = [[encode_response(tok, a), encode_response(tok, a + " Really.")] for a in ANSWERS[:3]]
+    full = [p + r for p, pair in zip(prompts, resp) for r in pair]
+    ids, mask = pad(full, tok.pad_token_id, "right"), pad([[1] * len(s) for s in full], 0, "right")
+    want = rm.pooled(ids, mask)
+    cont = [r for pair in resp for r in pair]
+    got = rm.pooled(pad(cont, tok.pad_token_id, "right"), pad([[1] * len(s) for s in cont], 0, "right"),
+                    prefix_ids=pad(prompts, tok.pad_token_id, "left"),
+                    prefix_mask=pad([[1] * len(p) for p in prompts], 0, "left"), repeats=2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # gradients flow through the shared prefix
+    got.sum().backward()
+    assert rm.hf.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_saved_rm_reloads_with_transformers_and_gives_identical_scores(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    rm, tok = load_reward_model("tiny", seed=0)
+    save_reward_model(rm, tok, tmp_path / "rm")
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm"))
+    assert hf.config.num_labels == 1 and hf.config.pad_token_id == tok.pad_token_id
+    ours = score(rm, tok, PROMPTS, ANSWERS, batch_size=8)
+    seqs = [encode_prompt(tok, p) + encode_response(tok, a) for p, a in zip(PROMPTS, ANSWERS)]
+    for side in ("left", "right"):  # transformers finds the last non-pad token from pad_token_id
+        ids = pad(seqs, tok.pad_token_id, side)
+        mask = pad([[1] * len(s) for s in seqs], 0, side)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        theirs = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits.squeeze(-1)
+        assert theirs.tolist() == pytest.approx(ours, abs=1e-5)
+    reloaded, _ = load_reward_model(str(tmp_path / "rm"))
+    assert score(reloaded, tok, PROMPTS, ANSWERS) == pytest.approx(ours, abs=1e-6)
