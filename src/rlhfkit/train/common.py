@@ -159,3 +159,82 @@ def save_hf(accelerator, model, tokenizer, folder) -> None:
     if accelerator.is_main_process:
         unwrapped.save_pretrained(folder, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces of a training stage's loop that every stage shares
+
+
+def start_stage(cfg, stage: str, inputs: dict[str, str]):
+    """Accelerator, run directory and a main-process ``log`` for a stage; prints the config.
+    Validates the batch arithmetic before anything is loaded."""
+    from rlhfkit.config import print_config
+    from rlhfkit.run import Run
+
+    accum = accumulation_steps(cfg.batch_size, cfg.micro_batch_size, world_size())
+    accelerator = make_accelerator(cfg, accum)
+    main = accelerator.is_main_process
+    if main:
+        print_config(cfg)
+    run = Run.open(cfg, stage, inputs=inputs, is_main=main)
+    log = print if main else (lambda *a, **k: None)
+    return accelerator, run, log
+
+
+def prepare_training(accelerator, run, cfg, model, n_examples: int, log):
+    """Batch plan, optimiser and schedule, ``accelerator.prepare``, and the resume point.
+
+    Returns (model, optimizer, scheduler, plan, steps, start_step)."""
+    plan = BatchPlan(n_examples, cfg.batch_size, cfg.micro_batch_size, world_size(), accelerator.process_index,
+                     cfg.seed)
+    steps = total_steps(cfg, plan)
+    optimizer, scheduler = build_optimizer(model, cfg, steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    start = run.load_checkpoint(accelerator)["step"] if cfg.resume else 0
+    if start:
+        log(f"resumed {run.path} at step {start}")
+    return model, optimizer, scheduler, plan, steps, start
+
+
+def backward(accelerator, loss, plan: BatchPlan) -> None:
+    """Backward of one micro-batch's share of the step's loss. accelerate divides by the
+    accumulation steps and DDP averages over processes: both are undone, so the step's gradient is
+    that of the loss over the whole global batch (reference §8 item 9)."""
+    accelerator.backward(loss * plan.accum * plan.world)
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float, step: int) -> tuple[float, float]:
+    """Clip, check for NaN/inf, step, schedule, zero. Returns (grad norm, the lr this step used)."""
+    from rlhfkit.run import check_finite
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    check_finite(step, grad_norm=grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), lr
+
+
+def should_save(cfg, step: int, steps: int) -> bool:
+    return step % cfg.save_every == 0 or step == steps
+
+
+class stop_on_nonfinite:
+    """``with stop_on_nonfinite(run):`` marks the run failed and exits with the last good
+    checkpoint named when a loss, reward or gradient turns NaN or inf."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        from rlhfkit.run import NonFiniteError
+
+        if kind is not None and issubclass(kind, NonFiniteError):
+            self.run.fail(str(err))
+            raise SystemExit(f"stopped: {err}; the last good checkpoint is {self.run.latest_checkpoint()}") from None
+        return False

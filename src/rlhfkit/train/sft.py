@@ -13,21 +13,22 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs, print_config
+from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
 from rlhfkit.data import load_records, pad, position_ids, train_eval_split
 from rlhfkit.data.template import Encoded, encode_examples
 from rlhfkit.losses import IGNORE, sft_loss, token_nll
 from rlhfkit.models import count_parameters, load_causal_lm
-from rlhfkit.run import NonFiniteError, Run, check_finite
+from rlhfkit.run import Run, check_finite
 from rlhfkit.train.common import (
-    BatchPlan,
-    build_optimizer,
-    make_accelerator,
+    backward,
+    optimizer_step,
     prepare_model,
+    prepare_training,
     progress,
     save_hf,
-    total_steps,
-    world_size,
+    should_save,
+    start_stage,
+    stop_on_nonfinite,
 )
 
 
@@ -88,15 +89,8 @@ def load_data(cfg: SFTConfig, tokenizer, log=print):
 
 
 def train(cfg: SFTConfig) -> Run:
-    world = world_size()
-    plan_accum = BatchPlan(1, cfg.batch_size, cfg.micro_batch_size, world).accum  # validates batch arithmetic
-    accelerator = make_accelerator(cfg, plan_accum)
-    main = accelerator.is_main_process
-    log = print if main else (lambda *a, **k: None)
-    if main:
-        print_config(cfg)
-    run = Run.open(cfg, "sft", inputs={"train": cfg.train, "eval": cfg.eval, "model": cfg.model}, is_main=main)
-    try:
+    accelerator, run, log = start_stage(cfg, "sft", {"train": cfg.train, "eval": cfg.eval, "model": cfg.model})
+    with stop_on_nonfinite(run):
         # 1. model and data
         model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
         (train_set, train_report), (eval_set, _), loaded = load_data(cfg, tokenizer, log)
@@ -104,21 +98,15 @@ def train(cfg: SFTConfig) -> Run:
         model = prepare_model(model, cfg)
         trainable, total = count_parameters(model)
         log(f"model {cfg.model}: {trainable:,} of {total:,} parameters trainable")
-        plan = BatchPlan(len(train_set), cfg.batch_size, cfg.micro_batch_size, world, accelerator.process_index, cfg.seed)
-        steps = total_steps(cfg, plan)
-        optimizer, scheduler = build_optimizer(model, cfg, steps)
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        params = [p for p in model.parameters() if p.requires_grad]
-        start = run.load_checkpoint(accelerator)["step"] if cfg.resume else 0
-        if start:
-            log(f"resumed {run.path} at step {start}")
-        elif eval_set:
+        model, optimizer, scheduler, plan, steps, start = prepare_training(accelerator, run, cfg, model,
+                                                                           len(train_set), log)
+        if not start and eval_set:
             before = evaluate(model, eval_set, tokenizer.pad_token_id, cfg, accelerator)
             run.log(0, eval_loss=before)
             log(f"eval loss before training {before:.4f} on {len(eval_set)} examples")
 
         # 2. the loop: one optimiser step per iteration
-        bar = progress(range(start, steps), main and cfg.progress, "sft", initial=start, total=steps)
+        bar = progress(range(start, steps), accelerator.is_main_process and cfg.progress, "sft", start, steps)
         for step in bar:
             micro = [[train_set[i] for i in mb] for mb in plan.micro_batches(step)]
             # the global token count normalises every micro-batch's sum (reference §8 item 9)
@@ -131,30 +119,23 @@ def train(cfg: SFTConfig) -> Run:
                 with accelerator.accumulate(model):
                     loss = sft_loss(model(**batch, use_cache=False).logits, labels, n_tokens)
                     check_finite(step + 1, loss=loss)
-                    # accelerate divides by the accumulation steps and DDP averages over processes:
-                    # undo both so the step's gradient is that of the global token mean
-                    accelerator.backward(loss * plan.accum * world)
+                    backward(accelerator, loss, plan)
                 step_loss += loss.detach()
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            check_finite(step + 1, grad_norm=grad_norm)
-            lr = scheduler.get_last_lr()[0]  # the rate this step uses
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step + 1)
             loss = accelerator.reduce(step_loss, "sum").item()
 
-            metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                       "tokens": int(n_tokens), "epoch": round((step + 1) / plan.steps_per_epoch, 4)}
+            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(n_tokens),
+                       "epoch": round((step + 1) / plan.steps_per_epoch, 4)}
             if eval_set and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 metrics["eval_loss"] = evaluate(model, eval_set, tokenizer.pad_token_id, cfg, accelerator)
             run.log(step + 1, **metrics)
-            if main and cfg.progress:
+            if accelerator.is_main_process and cfg.progress:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
+            if should_save(cfg, step + 1, steps):
                 run.save_checkpoint(accelerator, step + 1)
 
         # 3. final evaluation and the Hugging Face model
-        logged = [m["loss"] for m in run.metrics() if "loss" in m] if main else []
+        logged = [m["loss"] for m in run.metrics() if "loss" in m] if accelerator.is_main_process else []
         summary = {"steps": steps, "final_loss": logged[-1] if logged else None}
         if eval_set:
             summary["eval_loss"] = evaluate(model, eval_set, tokenizer.pad_token_id, cfg, accelerator)
@@ -163,9 +144,6 @@ def train(cfg: SFTConfig) -> Run:
         run.finish(**summary)
         log(f"done: {run.path}")
         return run
-    except NonFiniteError as e:
-        run.fail(str(e))
-        raise SystemExit(f"stopped: {e}; the last good checkpoint is {run.latest_checkpoint()}") from None
 
 
 @torch.no_grad()
