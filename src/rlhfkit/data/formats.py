@@ -92,6 +92,8 @@ def detect(row: dict) -> tuple[str, str]:
         return "preference", "trl-standard" + ("" if "prompt" in keys else "-implicit")
     if "responses" in keys:
         return "ranking", "ranking"
+    if _solutions_by_model(row):
+        return "steps", "solutions-by-model"
     if "steps" in keys:
         return "steps", "steps"
     if "rating" in keys and ("response" in keys or "completion" in keys):
@@ -115,6 +117,12 @@ CONVERTIBLE = {
     "prompt": {"prompt", "demonstration", "preference", "ranking", "rating", "steps"},
     "demonstration": {"demonstration", "preference", "ranking"},
 }
+
+
+def _solutions_by_model(row: dict) -> dict:
+    """GSM8K verifier data (Cobbe et al. 2021): {"question", "ground_truth", "<solver>": {"solution",
+    "is_correct"}, ...}: one row holds several models' solutions to one question."""
+    return {k: v for k, v in row.items() if isinstance(v, dict) and {"solution", "is_correct"} <= set(v)}
 
 
 def _is_hh(text: str) -> bool:
@@ -237,7 +245,7 @@ def _common_text_prefix(a: str, b: str) -> str:
 # converters: row -> record
 
 
-def to_record(row: dict, kind: str, fmt: str, where: str) -> Record:
+def to_record(row: dict, kind: str, fmt: str, where: str) -> Record | list[Record]:
     meta = {k: v for k, v in row.items() if k not in CORE_FIELDS}
     if kind == "preference":
         if fmt == "hh-rlhf":
@@ -275,6 +283,19 @@ def to_record(row: dict, kind: str, fmt: str, where: str) -> Record:
         resp = "response" if "response" in row else "completion"
         return Rating(prompt=_prompt(row, where), response=_text(row, resp, where),
                       rating=_number(row, "rating", where), source=where, meta=meta)
+    if kind == "steps" and fmt == "solutions-by-model":
+        if not isinstance(row.get("question"), str):
+            raise _err(where, "question", "missing")
+        out = []
+        for solver, sol in _solutions_by_model(row).items():
+            if not isinstance(sol["solution"], str) or not isinstance(sol["is_correct"], bool):
+                raise _err(where, f"{solver}.solution", "expected a solution string and an is_correct boolean")
+            steps = [s for s in sol["solution"].split("\n") if s.strip()] or [sol["solution"]]
+            out.append(StepSolution(prompt=[{"role": "user", "content": row["question"]}], steps=steps,
+                                    labels=[None] * len(steps), correct=sol["is_correct"], source=where,
+                                    meta={"question_id": where, "solver": solver,
+                                          "ground_truth": row.get("ground_truth")}))
+        return out
     if kind == "steps":
         steps = row.get("steps")
         if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
@@ -354,13 +375,38 @@ class Loaded:
         return s
 
 
+def expand_paths(spec: str | Path) -> list[Path]:
+    """'a.jsonl' -> [a.jsonl]; 'a.jsonl,b.jsonl' or 'dir/*.jsonl.gz' -> each file, in order."""
+    import glob
+
+    out: list[Path] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+        if not matches:
+            raise DataError(f"{part}: no file matches")
+        out += [Path(m) for m in matches]
+    return out
+
+
 def load_records(path: str | Path, kind: str | None = None, fields: str | dict | None = None,
                  on_bad_record: str = "error", limit: int | None = None, split: str = "train") -> Loaded:
-    """Read a file into typed records of ``kind`` (detected when None).
+    """Read a file (or several: comma-separated or a glob) into typed records of ``kind`` (detected
+    when None).
 
     on_bad_record: "error" raises at the first malformed row (naming file, line and field);
     "skip" skips it, counts it and keeps the first messages in ``Loaded.errors``.
     """
+    paths = expand_paths(path)
+    if len(paths) > 1:
+        parts = [load_records(p, kind, fields, on_bad_record, None, split) for p in paths]
+        kinds = {p.kind for p in parts}
+        if len(kinds) > 1:
+            raise DataError(f"{path}: the files hold different kinds of records: {sorted(kinds)}")
+        merged = Loaded(path=str(path), kind=parts[0].kind, format="+".join(sorted({p.format for p in parts})),
+                        records=[r for p in parts for r in p.records][:limit], rows=sum(p.rows for p in parts),
+                        skipped=sum(p.skipped for p in parts), errors=[e for p in parts for e in p.errors][:5])
+        return merged
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
     if kind is not None and kind not in KINDS:
@@ -384,9 +430,9 @@ def load_records(path: str | Path, kind: str | None = None, fields: str | dict |
                     raise DataError(f"{where}: this file holds {stored[0]} records ({stored[1]}), but {kind} records "
                                     f"are needed; map columns with --fields if it is mislabelled")
                 out.kind, out.format = kind or stored[0], stored[1]
-            record = to_record(row, stored[0], stored[1], where)
-            if record.__class__ is not KINDS[out.kind]:
-                record = convert(record, out.kind)
+            made = to_record(row, stored[0], stored[1], where)
+            made = [convert(r, out.kind) if r.__class__ is not KINDS[out.kind] else r
+                    for r in (made if isinstance(made, list) else [made])]
         except DataError as e:
             if on_bad_record == "error":
                 raise
@@ -394,7 +440,7 @@ def load_records(path: str | Path, kind: str | None = None, fields: str | dict |
             if len(out.errors) < 5:
                 out.errors.append(str(e))
             continue
-        records.append(record)
+        records.extend(made)
         if limit is not None and len(records) >= limit:
             break
     if stored is None:

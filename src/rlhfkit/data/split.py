@@ -9,14 +9,26 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def train_eval_split(items: Sequence[T], eval_size: float, seed: int = 0) -> tuple[list[T], list[T]]:
+def train_eval_split(items: Sequence[T], eval_size: float, seed: int = 0, key=None) -> tuple[list[T], list[T]]:
     """Shuffle indices with ``random.Random(seed)`` and hold out ``eval_size`` items (a count when
     >= 1, a fraction when < 1). The same items and seed always give the same split.
+
+    With ``key`` (item -> group), whole groups are held out (e.g. every solution of a question), and
+    ``eval_size`` counts groups.
 
     >>> train, held = train_eval_split(list(range(10)), 3, seed=0)
     >>> len(train), len(held)
     (7, 3)
     """
+    if key is not None:
+        groups: dict = {}
+        for i, item in enumerate(items):
+            groups.setdefault(key(item), []).append(i)
+        names = list(groups)
+        _, held_names = train_eval_split(names, eval_size, seed)
+        held_set = set(held_names)
+        return ([x for x, g in zip(items, map(key, items)) if g not in held_set],
+                [x for x, g in zip(items, map(key, items)) if g in held_set])
     n = len(items)
     n_eval = int(eval_size) if eval_size >= 1 else round(eval_size * n)
     if not 0 <= n_eval <= n:
@@ -26,3 +38,9 @@ def train_eval_split(items: Sequence[T], eval_size: float, seed: int = 0) -> tup
     held = sorted(order[:n_eval])
     keep = sorted(order[n_eval:])
     return [items[i] for i in keep], [items[i] for i in held]
+
+
+def split_records(records: list, eval_size: float, seed: int = 0, split_by: str = "") -> tuple[list, list]:
+    """:func:`train_eval_split` for records, grouped by ``record.meta[split_by]`` when given."""
+    key = (lambda r: r.meta.get(split_by, r.source)) if split_by else None
+    return train_eval_split(records, eval_size, seed, key=key)

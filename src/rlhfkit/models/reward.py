@@ -7,9 +7,10 @@
 * ``num_labels=3``: bad / mid / good classes (ratings), or wrong / neutral / correct per step (PRM).
 * The same head read at every token gives an outcome RM's token-level verifier (ORM).
 
-Chosen and rejected share their prompt (for HH-RLHF, almost the whole transcript). ``forward`` can
-run the prompt once, repeat its key/value cache for each response, and run only the responses
-through the network: about half the work for pairwise training, and the same numbers.
+Chosen and rejected share their prompt (for HH-RLHF, almost the whole transcript).
+:func:`pack_shared_prefix` puts the prompt once and every response after it in one row, with an
+attention mask that keeps the responses apart: about half the work for pairwise training, and the
+same numbers.
 """
 
 from __future__ import annotations
@@ -71,36 +72,63 @@ class RewardModel(nn.Module):
         return float(getattr(self.hf.config, BIAS_KEY, 0.0) or 0.0)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                prefix_ids: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None,
-                repeats: int = 1) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Head outputs at every token: (B, T, num_labels), with the bias subtracted.
 
-        Without a prefix, ``input_ids`` are whole sequences. With one, ``prefix_ids`` (P, Tp) are
-        left-padded prompts run once, their cache repeated ``repeats`` times, and ``input_ids``
-        (P * repeats, T) are the right-padded continuations of each prompt in turn; the outputs are
-        for the continuation tokens only.
-        """
+        ``attention_mask`` is a (B, T) padding mask, or the (B, 1, T, T) boolean mask of rows
+        packed by :func:`pack_shared_prefix` (then pass its ``position_ids``)."""
         backbone, head = self._parts()
-        if prefix_ids is None:
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-        else:
-            out = backbone(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask),
-                           use_cache=True)
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(repeats)
-            full_mask = torch.cat([prefix_mask.repeat_interleave(repeats, 0), attention_mask], 1)
-            pos = position_ids(full_mask)[:, prefix_ids.shape[1]:]
-            hidden = backbone(input_ids=input_ids, attention_mask=full_mask, position_ids=pos,
-                              past_key_values=cache, use_cache=True).last_hidden_state
+        if position_ids is None:
+            position_ids = _positions(attention_mask)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
         scores = head(hidden)
         return scores - self.bias if self.bias else scores
 
-    def pooled(self, input_ids, attention_mask, **prefix) -> torch.Tensor:
+    def pooled(self, input_ids, attention_mask) -> torch.Tensor:
         """Outputs at the last non-pad token: (B, num_labels); (B,) when num_labels is 1."""
-        scores = self(input_ids, attention_mask, **prefix)
+        scores = self(input_ids, attention_mask)
         out = scores[torch.arange(scores.shape[0], device=scores.device), last_token_index(attention_mask)]
         return out.squeeze(-1) if self.num_labels == 1 else out
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    if mask.ndim != 2:
+        raise ValueError("a 4D attention mask needs explicit position_ids")
+    return position_ids(mask)
+
+
+def pack_shared_prefix(prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int):
+    """Pack each prompt and all its responses into one row, so the prompt is computed once.
+
+    Row b is ``prompt_b + response_b1 + response_b2 + ...``, right-padded. The boolean attention
+    mask (B, 1, T, T) lets a prompt token see the prompt before it and a response token see the
+    prompt and the earlier tokens of its own response, never another response; every response's
+    positions continue from the end of the prompt. Each response is therefore computed exactly as
+    in ``prompt + response`` alone, at the cost of ``len(prompt) + sum(len(responses))`` tokens
+    instead of ``K * len(prompt) + sum(len(responses))`` (about half for HH-RLHF pairs).
+
+    Returns (input_ids, mask, position_ids, starts) with starts[b][k] the index of the first token
+    of response k in row b.
+    """
+    rows, segs, pos, starts = [], [], [], []
+    for prompt, resp in zip(prompts, responses):
+        ids, seg, p, st = list(prompt), [0] * len(prompt), list(range(len(prompt))), []
+        for k, r in enumerate(resp, start=1):
+            st.append(len(ids))
+            ids += r
+            seg += [k] * len(r)
+            p += range(len(prompt), len(prompt) + len(r))
+        rows.append(ids), segs.append(seg), pos.append(p), starts.append(st)
+    input_ids = pad(rows, pad_id, "right")
+    seg = pad(segs, -1, "right")
+    positions = pad(pos, 0, "right")
+    t = input_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    q, k = seg[:, :, None], seg[:, None, :]
+    mask = causal & (k != -1) & ((k == 0) | (k == q))
+    mask |= torch.eye(t, dtype=torch.bool)  # padding rows attend to themselves (never NaN)
+    return input_ids, mask[:, None], positions, starts
 
 
 def load_reward_model(spec: str, num_labels: int = 1, seed: int = 0, dtype=torch.float32):
@@ -135,10 +163,11 @@ def load_reward_model(spec: str, num_labels: int = 1, seed: int = 0, dtype=torch
 def save_reward_model(model: RewardModel | nn.Module, tokenizer, folder, state_dict=None) -> None:
     """Save as ``AutoModelForSequenceClassification`` (LoRA merged), with the tokenizer."""
     hf = model.hf if isinstance(model, RewardModel) else model
-    if hasattr(hf, "merge_and_unload"):
+    if hasattr(hf, "merge_and_unload") or any(p.dtype != torch.float32 for p in hf.parameters()):
         import copy
 
-        hf = copy.deepcopy(hf).merge_and_unload()
+        hf = copy.deepcopy(hf).float()  # merge in fp32, save fp32
+        hf = hf.merge_and_unload() if hasattr(hf, "merge_and_unload") else hf
         state_dict = None
     hf.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(folder)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
-from rlhfkit.data import load_records, pad, position_ids, train_eval_split
+from rlhfkit.data import load_records, pad, position_ids, split_records
 from rlhfkit.data.template import Encoded, encode_examples
 from rlhfkit.losses import IGNORE, sft_loss, token_nll
 from rlhfkit.models import count_parameters, load_causal_lm
@@ -72,7 +72,7 @@ def load_data(cfg: SFTConfig, tokenizer, log=print):
     if cfg.eval:
         held = load_records(cfg.eval, kind="demonstration", fields=cfg.fields, on_bad_record=cfg.on_bad_record).records
     elif cfg.eval_size:
-        records, held = train_eval_split(records, cfg.eval_size, cfg.split_seed)
+        records, held = split_records(records, cfg.eval_size, cfg.split_seed, cfg.split_by)
     else:
         held = []
     if cfg.limit:

@@ -1,0 +1,413 @@
+"""Reward-model training (``rlhfkit rm train``): pairwise, ranking, rating, orm and prm.
+
+Each kind turns records into *groups* (one prompt and its responses) and has one loss function:
+
+=========  ============================  ==============================================================
+kind       records                       loss (losses/preference.py, losses/supervision.py)
+=========  ============================  ==============================================================
+pairwise   Preference (+ margin)         Bradley-Terry, or margin loss when records carry a margin;
+                                         + centring aux loss with --center-coef
+ranking    Ranking (K responses)         all C(K,2) pairs per prompt (eq. 18) or Plackett-Luce (eq. 19)
+rating     Rating                        regression on the standardised rating, or bad/mid/good classes
+orm        StepSolution with `correct`   token-level BCE on completion tokens (eq. 20)
+prm        StepSolution with labels      3-class CE at the last token of each step (eq. 21)
+=========  ============================  ==============================================================
+
+With ``--share-prefix`` (default) a group's prompt is run once and its key/value cache reused for
+each response: for HH-RLHF pairs, whose chosen and rejected share almost the whole transcript, that
+is about half the work, with the same numbers.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
+from rlhfkit.data import load_records, pad, split_records
+from rlhfkit.data.template import encode_prompt, encode_response
+from rlhfkit.losses.preference import bradley_terry, centering, margin_loss, per_prompt_pairs, plackett_luce
+from rlhfkit.losses.supervision import (
+    class_reward,
+    ordinal_classes,
+    orm_bce,
+    prm_cross_entropy,
+    rating_classification,
+    rating_regression,
+    step_label_class,
+)
+from rlhfkit.models import count_parameters
+from rlhfkit.models.reward import load_reward_model, pack_shared_prefix, save_reward_model
+from rlhfkit.run import Run, check_finite
+from rlhfkit.train.common import (
+    backward,
+    optimizer_step,
+    prepare_model,
+    prepare_training,
+    progress,
+    should_save,
+    start_stage,
+    stop_on_nonfinite,
+)
+
+RECORD_KIND = {"pairwise": "preference", "ranking": "ranking", "rating": "rating", "orm": "steps", "prm": "steps"}
+
+
+@dataclass
+class RMConfig(RunArgs, OptimArgs, DataArgs, ModelArgs):
+    """Train a reward model. Saved in Hugging Face AutoModelForSequenceClassification format."""
+
+    kind: Literal["pairwise", "ranking", "rating", "orm", "prm"] = "pairwise"
+    """What the labels are: preference pairs, K-way rankings, ratings, outcome labels or step labels."""
+    ranking_loss: Literal["pairs", "plackett_luce"] = "pairs"
+    """Ranking loss: all C(K,2) pairs of a prompt as one element (eq. 18), or Plackett-Luce (eq. 19)."""
+    rating_loss: Literal["regression", "classification"] = "regression"
+    """Ratings: regress on the standardised rating, or classify bad/mid/good (seed 004 §3.2)."""
+    rating_low: float = 3.0
+    """Classification: ratings below this are 'bad'."""
+    rating_high: float = 5.0
+    """Classification: ratings above this are 'good'."""
+    center_coef: float = 0.0
+    """Weight of the reward-centring loss mean((r_c + r_r)^2) (Eisenstein et al. 2023; 0.01 is typical)."""
+    share_prefix: bool = True
+    """Pack each prompt once with all its responses in one row (a tree attention mask keeps them apart)."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    eval_batch_size: int = 16
+    """Groups per forward pass when evaluating."""
+
+
+@dataclass
+class Group:
+    """One prompt and its responses as tokens, with the kind's targets."""
+
+    prompt: list[int]
+    responses: list[list[int]]
+    target: float | None = None  # margin (pairwise), rating, or correctness (orm)
+    step_ends: list[int] = field(default_factory=list)  # prm: index in the response of each step's last token
+    step_labels: list[int] = field(default_factory=list)  # prm: class per step (-100: unlabelled)
+    source: str = ""
+    subset: str | None = None
+    truncated_responses: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# records -> groups
+
+
+def encode_steps(tokenizer, steps: list[str]) -> tuple[list[int], list[int]]:
+    """Tokens of a step-by-step solution (steps joined by newlines, EOS at the end) and the index of
+    each step's last token. Each step is tokenised on its own, so the boundaries are exact."""
+    ids, ends = [], []
+    for i, step in enumerate(steps):
+        piece = tokenizer(step + ("\n" if i < len(steps) - 1 else ""), add_special_tokens=False)["input_ids"]
+        ids.extend(piece)
+        ends.append(len(ids) - 1)
+    return ids + [tokenizer.eos_token_id], ends
+
+
+def to_group(record, kind: str, tokenizer, max_length: int) -> Group:
+    """Encode one record and fit it into ``max_length`` tokens (see :func:`fit`)."""
+    prompt = encode_prompt(tokenizer, record.prompt)
+    g = Group(prompt=prompt, responses=[], source=record.source, subset=record.subset)
+    if kind == "pairwise":
+        g.responses = [encode_response(tokenizer, r, record.prompt) for r in (record.chosen, record.rejected)]
+        g.target = record.margin
+    elif kind == "ranking":
+        g.responses = [encode_response(tokenizer, r, record.prompt) for r in record.responses]
+    elif kind == "rating":
+        g.responses = [encode_response(tokenizer, record.response, record.prompt)]
+        g.target = record.rating
+    else:
+        ids, ends = encode_steps(tokenizer, record.steps)
+        g.responses = [ids]
+        g.target = None if record.correct is None else float(record.correct)
+        g.step_ends, g.step_labels = ends, [step_label_class(x) for x in record.labels]
+    return fit(g, max_length)
+
+
+MIN_PROMPT = 16
+
+
+def fit(g: Group, max_length: int) -> Group:
+    """Truncation for reward modelling: the prompt loses its oldest tokens so the longest response
+    fits; a response that alone leaves fewer than 16 prompt tokens is cut at its end (its score is
+    then read at the cut, and ``truncated_responses`` counts it). Nothing is dropped."""
+    cap = max_length - MIN_PROMPT
+    if any(len(r) > cap for r in g.responses):
+        g.responses = [r[:cap] for r in g.responses]
+        g.truncated_responses = True
+        g.step_ends = [e for e in g.step_ends if e < cap]
+        g.step_labels = g.step_labels[: len(g.step_ends)]
+    g.prompt = g.prompt[-(max_length - max(len(r) for r in g.responses)):]
+    return g
+
+
+def load_groups(path: str, cfg: RMConfig, tokenizer, log=print):
+    loaded = load_records(path, kind=RECORD_KIND[cfg.kind], fields=cfg.fields, on_bad_record=cfg.on_bad_record)
+    log(loaded.summary())
+    return loaded
+
+
+def encode_groups(records, cfg: RMConfig, tokenizer) -> tuple[list[Group], dict]:
+    groups, report = [], {"total": len(records), "truncated_prompts": 0, "truncated_responses": 0}
+    for r in records:
+        g = to_group(r, cfg.kind, tokenizer, cfg.max_length)
+        if cfg.kind == "orm" and g.target is None:
+            raise SystemExit(f"error: {r.source}: field 'correct': an outcome RM needs a correctness label")
+        report["truncated_prompts"] += len(g.prompt) < len(encode_prompt(tokenizer, r.prompt))
+        report["truncated_responses"] += g.truncated_responses
+        groups.append(g)
+    return groups, report
+
+
+# ---------------------------------------------------------------------------------------------
+# groups -> tensors -> rewards
+
+
+def forward_groups(rm, groups: list[Group], pad_id: int, share_prefix: bool):
+    """Run every response of every group. Returns (token scores (N, T, k) over the response tokens,
+    response mask (N, T), group size K), N = len(groups) * K, with the responses of a group
+    consecutive. Groups with fewer than K responses are padded with a copy of their first response;
+    ``group_valid`` masks those out."""
+    k = max(len(g.responses) for g in groups)
+    device = next(rm.parameters()).device
+    responses = [g.responses + [g.responses[0]] * (k - len(g.responses)) for g in groups]
+    flat = [r for rs in responses for r in rs]
+    width = max(len(r) for r in flat)
+    if share_prefix:
+        ids, mask, pos, starts = pack_shared_prefix([g.prompt for g in groups], responses, pad_id)
+        scores = rm(ids.to(device), mask.to(device), position_ids=pos.to(device))
+        rows = [b for b in range(len(groups)) for _ in range(k)]
+        first = [s for st in starts for s in st]
+    else:
+        full = [g.prompt + r for g, rs in zip(groups, responses) for r in rs]
+        ids = pad(full, pad_id, "right").to(device)
+        scores = rm(ids, pad([[1] * len(s) for s in full], 0, "right").to(device))
+        rows = list(range(len(full)))
+        first = [len(g.prompt) for g in groups for _ in range(k)]
+    # gather each response's tokens into its own row, starting at column 0
+    idx = (torch.tensor(first)[:, None] + torch.arange(width)[None]).clamp(max=scores.shape[1] - 1).to(device)
+    out = scores[torch.tensor(rows, device=device)[:, None], idx]
+    cmask = pad([[1] * len(r) for r in flat], 0, "right").to(device)
+    return out, cmask, k
+
+
+def pool_last(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Outputs at each row's last real token: (N, T, k) -> (N, k)."""
+    last = mask.long().cumsum(-1).argmax(-1)
+    return scores[torch.arange(scores.shape[0], device=scores.device), last]
+
+
+def group_valid(groups: list[Group], k: int, device) -> torch.Tensor:
+    return torch.tensor([[i < len(g.responses) for i in range(k)] for g in groups], device=device)
+
+
+# one function per kind: (rm, groups, cfg, stats) -> (loss, metrics). Metrics are sums over the
+# micro-batch with a count, so they add up exactly over micro-batches and processes.
+
+
+def pairwise_loss(rm, groups, cfg, stats):
+    scores, mask, _ = forward_groups(rm, groups, stats["pad_id"], cfg.share_prefix)
+    r = pool_last(scores, mask).squeeze(-1).view(len(groups), 2)
+    rc, rr = r[:, 0], r[:, 1]
+    margins = [g.target for g in groups]
+    if any(m is not None for m in margins):
+        loss = margin_loss(rc, rr, torch.tensor([m or 0.0 for m in margins], device=r.device))
+    else:
+        loss = bradley_terry(rc, rr)
+    if cfg.center_coef:
+        loss = loss + cfg.center_coef * centering(rc, rr)
+    d = (rc - rr).detach()
+    return loss, {"accuracy": (d > 0).float().sum(), "margin": d.sum(), "reward_sum": r.detach().sum(),
+                  "reward_sq": (r.detach() ** 2).sum(), "n": float(len(groups)), "n_rewards": float(r.numel())}
+
+
+def ranking_loss(rm, groups, cfg, stats):
+    scores, mask, k = forward_groups(rm, groups, stats["pad_id"], cfg.share_prefix)
+    r = pool_last(scores, mask).squeeze(-1).view(len(groups), k)
+    valid = group_valid(groups, k, r.device)
+    fn = per_prompt_pairs if cfg.ranking_loss == "pairs" else plackett_luce
+    loss = fn(r, valid)
+    d = (r[:, 0] - r[:, 1]).detach()
+    rv = r.detach()[valid]
+    return loss, {"accuracy": (d > 0).float().sum(), "margin": d.sum(), "reward_sum": rv.sum(),
+                  "reward_sq": (rv ** 2).sum(), "n": float(len(groups)), "n_rewards": float(rv.numel())}
+
+
+def rating_loss(rm, groups, cfg, stats):
+    scores, mask, _ = forward_groups(rm, groups, stats["pad_id"], False)
+    out = pool_last(scores, mask)
+    ratings = torch.tensor([g.target for g in groups], device=out.device)
+    if cfg.rating_loss == "regression":
+        target = (ratings - stats["rating_mean"]) / stats["rating_std"]
+        r = out.squeeze(-1)
+        loss = rating_regression(r, target)
+        hit = ((r > 0) == (target > 0)).float().sum()
+    else:
+        classes = ordinal_classes(ratings, cfg.rating_low, cfg.rating_high)
+        loss = rating_classification(out, classes)
+        r = class_reward(out)
+        hit = (out.argmax(-1) == classes).float().sum()
+    r = r.detach()
+    return loss, {"accuracy": hit, "reward_sum": r.sum(), "reward_sq": (r ** 2).sum(), "n": float(len(groups)),
+                  "n_rewards": float(len(groups))}
+
+
+def orm_loss(rm, groups, cfg, stats):
+    scores, mask, _ = forward_groups(rm, groups, stats["pad_id"], cfg.share_prefix)
+    logits = scores.squeeze(-1)
+    correct = torch.tensor([g.target for g in groups], device=logits.device)
+    loss = orm_bce(logits, correct, mask.bool())
+    final = pool_last(scores, mask).squeeze(-1).detach()
+    return loss, {"accuracy": ((final > 0).float() == correct).float().sum(), "reward_sum": final.sum(),
+                  "reward_sq": (final ** 2).sum(), "n": float(len(groups)), "n_rewards": float(len(groups))}
+
+
+def prm_step_logits(rm, groups, cfg, stats) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Logits (S, 3) at every step's last token, their classes (S,), and steps per group."""
+    scores, _, _ = forward_groups(rm, groups, stats["pad_id"], cfg.share_prefix)
+    rows = torch.tensor([i for i, g in enumerate(groups) for _ in g.step_ends], device=scores.device)
+    cols = torch.tensor([e for g in groups for e in g.step_ends], device=scores.device)
+    labels = torch.tensor([c for g in groups for c in g.step_labels], device=scores.device)
+    return scores[rows, cols], labels, [len(g.step_ends) for g in groups]
+
+
+def prm_loss(rm, groups, cfg, stats):
+    logits, labels, _ = prm_step_logits(rm, groups, cfg, stats)
+    loss = prm_cross_entropy(logits, labels)
+    seen = labels != -100
+    hit = (logits.argmax(-1) == labels)[seen].float().sum()
+    p = logits.detach().softmax(-1)[:, 2]
+    return loss, {"accuracy": hit, "reward_sum": p.sum(), "reward_sq": (p ** 2).sum(), "n": float(seen.sum()),
+                  "n_rewards": float(p.numel())}
+
+
+LOSSES = {"pairwise": pairwise_loss, "ranking": ranking_loss, "rating": rating_loss, "orm": orm_loss, "prm": prm_loss}
+NUM_LABELS = {"pairwise": 1, "ranking": 1, "rating": 1, "orm": 1, "prm": 3}
+
+
+def num_labels(cfg: RMConfig) -> int:
+    return 3 if cfg.kind == "rating" and cfg.rating_loss == "classification" else NUM_LABELS[cfg.kind]
+
+
+def summarise(sums: dict) -> dict:
+    """Turn summed statistics into means: accuracy, margin, reward mean and std."""
+    n, m = max(sums.get("n", 0.0), 1.0), max(sums.get("n_rewards", 0.0), 1.0)
+    mean = sums["reward_sum"] / m
+    out = {"accuracy": sums["accuracy"] / n, "reward_mean": mean,
+           "reward_std": max(sums["reward_sq"] / m - mean * mean, 0.0) ** 0.5}
+    if "margin" in sums:
+        out["margin"] = sums["margin"] / n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: RMConfig) -> Run:
+    accelerator, run, log = start_stage(cfg, "rm", {"train": cfg.train, "eval": cfg.eval, "model": cfg.model})
+    with stop_on_nonfinite(run):
+        # 1. model and data
+        rm, tokenizer = load_reward_model(cfg.model, num_labels=num_labels(cfg), seed=cfg.seed)
+        loaded = load_groups(cfg.train, cfg, tokenizer, log)
+        records, held = loaded.records, []
+        if cfg.eval:
+            held = load_groups(cfg.eval, cfg, tokenizer, log).records
+        elif cfg.eval_size:
+            records, held = split_records(records, cfg.eval_size, cfg.split_seed, cfg.split_by)
+        if cfg.limit:
+            records = records[: cfg.limit]
+        train_set, report = encode_groups(records, cfg, tokenizer)
+        eval_set, _ = encode_groups(held, cfg, tokenizer)
+        if report["truncated_prompts"] or report["truncated_responses"]:
+            log(f"fitted into {cfg.max_length} tokens: {report['truncated_prompts']} prompts lost their oldest tokens, "
+                f"{report['truncated_responses']} groups had responses cut at the end")
+        stats = {"pad_id": tokenizer.pad_token_id}
+        if cfg.kind == "rating":
+            ratings = torch.tensor([g.target for g in train_set])
+            stats.update(rating_mean=ratings.mean().item(), rating_std=ratings.std().clamp(min=1e-6).item())
+        run.update_manifest(data={"train": report | {"skipped_malformed": loaded.skipped}, "eval_groups": len(eval_set),
+                                  "train_groups": len(train_set)}, rating_stats=stats)
+        rm.hf = prepare_model(rm.hf, cfg, modules_to_save=["score"])
+        trainable, total = count_parameters(rm)
+        log(f"reward model {cfg.model} ({cfg.kind}): {trainable:,} of {total:,} parameters trainable, "
+            f"{len(train_set)} train / {len(eval_set)} eval groups")
+        lengths = [len(g.prompt) + max(len(r) for r in g.responses) for g in train_set]
+        rm, optimizer, scheduler, plan, steps, start = prepare_training(accelerator, run, cfg, rm, len(train_set), log,
+                                                                        lengths=lengths)
+        loss_fn = LOSSES[cfg.kind]
+
+        # 2. the loop
+        bar = progress(range(start, steps), accelerator.is_main_process and cfg.progress, f"rm {cfg.kind}", start, steps)
+        for step in bar:
+            micro = [[train_set[i] for i in mb] for mb in plan.micro_batches(step)]
+            sums: dict[str, torch.Tensor] = {}
+            step_loss = torch.zeros((), device=accelerator.device)
+            for mb in micro:
+                with accelerator.accumulate(rm):
+                    loss, stat = loss_fn(rm, mb, cfg, stats)
+                    # every group weighs the same: the micro-batch mean times its share of the batch
+                    loss = loss * len(mb) / cfg.batch_size
+                    check_finite(step + 1, loss=loss)
+                    backward(accelerator, loss, plan)
+                step_loss += loss.detach()
+                for k, v in stat.items():
+                    sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=accelerator.device, dtype=torch.float32)
+            grad_norm, lr = optimizer_step(accelerator, rm, optimizer, scheduler, cfg.max_grad_norm, step + 1)
+            totals = {k: accelerator.reduce(v, "sum").item() for k, v in sums.items()}
+            metrics = {"loss": accelerator.reduce(step_loss, "sum").item(), **summarise(totals), "lr": lr,
+                       "grad_norm": grad_norm, "epoch": round((step + 1) / plan.steps_per_epoch, 4)}
+            if eval_set and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                metrics.update({f"eval_{k}": v for k, v in evaluate(rm, eval_set, cfg, stats, accelerator).items()})
+            run.log(step + 1, **metrics)
+            if accelerator.is_main_process and cfg.progress:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
+            if should_save(cfg, step + 1, steps):
+                run.save_checkpoint(accelerator, step + 1)
+
+        # 3. held-out evaluation and the Hugging Face model
+        summary = {"steps": steps}
+        if eval_set:
+            summary.update({f"eval_{k}": v for k, v in evaluate(rm, eval_set, cfg, stats, accelerator).items()})
+            log("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k != "steps"))
+        unwrapped = accelerator.unwrap_model(rm)
+
+        def save(folder):
+            if accelerator.is_main_process:
+                save_reward_model(unwrapped, tokenizer, folder)
+
+        run.save_final(save)
+        run.finish(**summary)
+        log(f"done: {run.path}")
+        return run
+
+
+@torch.no_grad()
+def evaluate(rm, groups: list[Group], cfg: RMConfig, stats: dict, accelerator) -> dict:
+    """The training statistics (loss, accuracy, margin, reward mean/std) on held-out groups."""
+    rm.eval()
+    mine = sorted(groups[accelerator.process_index:: accelerator.num_processes],
+                  key=lambda g: len(g.prompt) + max(len(r) for r in g.responses))
+    sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=accelerator.device)}
+    for i in range(0, len(mine), cfg.eval_batch_size):
+        chunk = mine[i: i + cfg.eval_batch_size]
+        loss, stat = LOSSES[cfg.kind](rm, chunk, cfg, stats)
+        sums["loss"] += loss * len(chunk)
+        for k, v in stat.items():
+            sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=accelerator.device, dtype=torch.float32)
+    rm.train()
+    totals = {k: accelerator.reduce(v, "sum").item() for k, v in sums.items()}
+    return {"loss": totals["loss"] / max(len(groups), 1), **summarise(totals)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rlhfkit.config import parse
+
+    cfg = parse(RMConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit rm train", description=RMConfig.__doc__)
+    if not cfg.train:
+        raise SystemExit("error: --train FILE is required")
+    train(cfg)

@@ -1,0 +1,113 @@
+import json
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, ROOT, shared, write_jsonl
+from rlhfkit.data import load_records
+from rlhfkit.models.reward import load_reward_model
+from rlhfkit.train.reward import LOSSES, RMConfig, encode_groups, train
+
+TINY = dict(model="tiny", progress=False, max_length=128, lr=3e-3, warmup_ratio=0.0, save_every=1000)
+
+
+def pairs(tmp_path, n=48):
+    """A learnable preference: the chosen answer is polite, the rejected one rude."""
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Thank you for asking, the answer is {i}.",
+             "rejected": f"Whatever. {i}."} for i in range(n)]
+    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+
+@pytest.mark.parametrize("kind", ["pairwise", "ranking", "orm", "prm"])
+def test_shared_prefix_packing_gives_the_same_loss(tmp_path, kind):
+    rows = {
+        "pairwise": {"prompt": "Q", "chosen": "good answer", "rejected": "bad"},
+        "ranking": {"prompt": "Q", "responses": ["best", "middle one", "worst of all"]},
+        "orm": {"prompt": "Q", "steps": ["a", "b c"], "labels": [1, 1], "correct": True},
+        "prm": {"prompt": "Q", "steps": ["a", "b c", "d"], "labels": [1, -1, None]},
+    }
+    path = write_jsonl(tmp_path / "d.jsonl", [rows[kind], {**rows[kind], "prompt": "A longer question here?"}])
+    rm, tok = load_reward_model("tiny", num_labels=3 if kind == "prm" else 1)
+    cfg = RMConfig(kind=kind, max_length=64)
+    groups, _ = encode_groups(load_records(path).records, cfg, tok)
+    stats = {"pad_id": tok.pad_token_id}
+    losses = []
+    for share in (True, False):
+        cfg.share_prefix = share
+        losses.append(LOSSES[kind](rm, groups, cfg, stats)[0].item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_pairwise_training_learns_and_saves_hf_format(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    run = train(RMConfig(train=str(pairs(tmp_path)), eval_size=8, output_dir=str(tmp_path / "runs"), name="rm",
+                         batch_size=8, micro_batch_size=4, epochs=3, center_coef=0.01, **TINY))
+    rows = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "accuracy", "margin", "reward_mean", "reward_std"} <= set(rows[0])
+    summary = json.loads((run.path / "manifest.json").read_text())["summary"]
+    assert summary["eval_accuracy"] == 1.0 and summary["eval_margin"] > 0
+    hf = AutoModelForSequenceClassification.from_pretrained(str(run.path / "final"))
+    assert hf.config.num_labels == 1
+
+    # rm eval on the same held-out pairs, with the length baselines and the plots
+    out = subprocess.run([PYTHON, "-m", "rlhfkit.cli", "rm", "eval", "--model", str(run.path / "final"),
+                          "--data", str(tmp_path / "pairs.jsonl"), "--eval-size", "8", "--output", str(tmp_path / "ev")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert result["n"] == 8 and result["accuracy"] == 1.0 and result["baselines"]["longer_wins"] == 1.0
+    assert (tmp_path / "ev" / "reliability.png").stat().st_size > 1000 and (tmp_path / "ev" / "margins.png").is_file()
+
+    # rm score writes every row back with its rewards
+    demo = write_jsonl(tmp_path / "demo.jsonl", [{"prompt": "Question 1?", "response": "Thank you for asking, the answer is 1.", "id": 7}])
+    out = subprocess.run([PYTHON, "-m", "rlhfkit.cli", "rm", "score", "--model", str(run.path / "final"),
+                          "--data", str(demo), "--output", str(tmp_path / "scored.jsonl")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = [json.loads(x) for x in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert row["id"] == 7 and isinstance(row["reward"], float)
+
+
+@pytest.mark.parametrize("kind,rows", [
+    ("ranking", [{"prompt": f"Q{i}", "responses": ["Thank you, good answer.", "An answer.", "No."]} for i in range(16)]),
+    ("rating", [{"prompt": f"Q{i}", "response": "Thank you, good answer." if i % 2 else "No.", "rating": 6 if i % 2 else 1}
+                for i in range(16)]),
+    ("orm", [{"prompt": f"Q{i}", "steps": ["2 + 2 = 4" if i % 2 else "2 + 2 = 5", "So 4."], "correct": bool(i % 2)}
+             for i in range(16)]),
+    ("prm", [{"prompt": f"Q{i}", "steps": ["Start.", "2 + 2 = 5" if i % 2 else "2 + 2 = 4", "Done."],
+              "mistake_index": 1 if i % 2 else None} for i in range(16)]),
+])
+def test_every_kind_trains(tmp_path, kind, rows):
+    path = write_jsonl(tmp_path / f"{kind}.jsonl", rows)
+    lr = 3e-4 if kind == "rating" else 3e-3  # regression oscillates at the higher rate
+    run = train(RMConfig(train=str(path), kind=kind, output_dir=str(tmp_path / "runs"), name=kind, batch_size=8,
+                         micro_batch_size=4, epochs=4, **{**TINY, "lr": lr}))
+    losses = [json.loads(x)["loss"] for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    assert (run.path / "final" / "model.safetensors").is_file()
+
+
+def test_rating_classification_head(tmp_path):
+    rows = [{"prompt": f"Q{i}", "response": "ok", "rating": float(i % 7 + 1)} for i in range(16)]
+    run = train(RMConfig(train=str(write_jsonl(tmp_path / "r.jsonl", rows)), kind="rating", rating_loss="classification",
+                         output_dir=str(tmp_path / "runs"), name="cls", batch_size=8, micro_batch_size=8, max_steps=2,
+                         **TINY))
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(str(run.path / "final")).num_labels == 3
+
+
+def test_orm_and_prm_eval_on_real_data_formats(tmp_path):
+    """The GSM8K verifier file expands into 4 solutions per question; big-bench-mistake reads with
+    prompt=input; rm eval reports best-of-n / first-wrong-step with their baselines (untrained tiny RM)."""
+    gsm = shared("gsm8k/example_model_solutions.jsonl.gz")
+    bbm = shared("big-bench-mistake/word_sorting.jsonl.gz")
+    from rlhfkit.eval.reward import RMEvalConfig, evaluate
+
+    orm = evaluate(RMEvalConfig(model="tiny", data=str(gsm), kind="orm", eval_size=20, split_by="question_id"))
+    assert orm["n_questions"] == 20 and orm["candidates_per_question"] == [4]
+    assert set(orm["baselines"]) == {"random", "longest", "shortest"}
+    prm = evaluate(RMEvalConfig(model="tiny", data=str(bbm), kind="prm", fields="prompt=input", eval_size=10))
+    assert prm["n_traces"] == 10 and 0 <= prm["first_wrong_step_accuracy"] <= 1
+    assert set(prm["baselines"]) == {"no_mistake", "last_step"}
