@@ -88,6 +88,20 @@ def test_every_kind_trains(tmp_path, kind, rows):
     assert (run.path / "final" / "model.safetensors").is_file()
 
 
+def test_normalized_bias_centres_reference_responses(tmp_path):
+    """--normalize-on sets the bias so those responses score 0 on average, after reloading too."""
+    from rlhfkit.models.reward import score
+
+    refs = write_jsonl(tmp_path / "refs.jsonl", [{"prompt": f"Question {i}?", "response": f"It is {i}."} for i in range(6)])
+    run = train(RMConfig(train=str(pairs(tmp_path, 16)), output_dir=str(tmp_path / "runs"), name="norm", batch_size=8,
+                         micro_batch_size=8, max_steps=2, normalize_on=str(refs), **TINY))
+    rm, tok = load_reward_model(str(run.path / "final"))
+    assert abs(rm.bias) > 1e-4
+    recs = load_records(refs).records
+    rewards = score(rm, tok, [r.prompt for r in recs], [r.response for r in recs])
+    assert abs(sum(rewards) / len(rewards)) < 1e-5 and max(rewards) - min(rewards) > 1e-4
+
+
 def test_rating_classification_head(tmp_path):
     rows = [{"prompt": f"Q{i}", "response": "ok", "rating": float(i % 7 + 1)} for i in range(16)]
     run = train(RMConfig(train=str(write_jsonl(tmp_path / "r.jsonl", rows)), kind="rating", rating_loss="classification",

@@ -78,6 +78,9 @@ class RMConfig(RunArgs, OptimArgs, DataArgs, ModelArgs):
     """Peak learning rate (AdamW)."""
     eval_batch_size: int = 16
     """Groups per forward pass when evaluating."""
+    normalize_on: str = ""
+    """After training, set the reward bias so these (prompt, response) records, e.g. reference-policy
+    samples or demonstrations, score 0 on average (reference §1d). Stored as config.rlhfkit_reward_bias."""
 
 
 @dataclass
@@ -375,6 +378,9 @@ def train(cfg: RMConfig) -> Run:
             summary.update({f"eval_{k}": v for k, v in evaluate(rm, eval_set, cfg, stats, accelerator).items()})
             log("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k != "steps"))
         unwrapped = accelerator.unwrap_model(rm)
+        if cfg.normalize_on:
+            summary["reward_bias"] = normalize_bias(unwrapped, tokenizer, cfg)
+            log(f"reward bias {summary['reward_bias']:.4f}: {cfg.normalize_on} now scores 0 on average")
 
         def save(folder):
             if accelerator.is_main_process:
@@ -384,6 +390,19 @@ def train(cfg: RMConfig) -> Run:
         run.finish(**summary)
         log(f"done: {run.path}")
         return run
+
+
+def normalize_bias(rm, tokenizer, cfg: RMConfig) -> float:
+    """score = head - bias with bias = the mean head output on ``cfg.normalize_on`` (N+ §RM:
+    ``reward = head - mean(pred_reward(reference))``), so those responses average 0."""
+    from rlhfkit.models.reward import BIAS_KEY, score
+
+    records = load_records(cfg.normalize_on, kind="demonstration", fields=cfg.fields).records
+    setattr(rm.config, BIAS_KEY, 0.0)
+    bias = sum(score(rm, tokenizer, [r.prompt for r in records], [r.response for r in records],
+                     batch_size=cfg.eval_batch_size, max_length=cfg.max_length)) / len(records)
+    setattr(rm.config, BIAS_KEY, bias)
+    return bias
 
 
 @torch.no_grad()
