@@ -44,3 +44,24 @@ def split_records(records: list, eval_size: float, seed: int = 0, split_by: str 
     """:func:`train_eval_split` for records, grouped by ``record.meta[split_by]`` when given."""
     key = (lambda r: r.meta.get(split_by, r.source)) if split_by else None
     return train_eval_split(records, eval_size, seed, key=key)
+
+
+def load_train_eval(cfg, kind: str, log=print):
+    """Training and held-out records for a stage from its data flags: ``--eval`` file, or
+    ``--eval-size`` held out of ``--train`` (grouped by ``--split-by``), then ``--limit``.
+    Returns (train records, held-out records, the Loaded report of --train)."""
+    from rlhfkit.data.formats import load_records
+
+    def load(path):
+        return load_records(path, kind=kind, fields=cfg.fields, on_bad_record=cfg.on_bad_record)
+
+    loaded = load(cfg.train)
+    log(loaded.summary())
+    records, held = loaded.records, []
+    if cfg.eval:
+        held = load(cfg.eval).records
+    elif cfg.eval_size:
+        records, held = split_records(records, cfg.eval_size, cfg.split_seed, cfg.split_by)
+    if cfg.limit:
+        records = records[: cfg.limit]
+    return records, held, loaded

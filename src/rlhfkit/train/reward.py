@@ -27,7 +27,8 @@ from typing import Literal
 import torch
 
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
-from rlhfkit.data import load_records, pad, split_records
+from rlhfkit.data import load_records, pad
+from rlhfkit.data.split import load_train_eval
 from rlhfkit.data.template import encode_prompt, encode_response
 from rlhfkit.losses.preference import bradley_terry, centering, margin_loss, per_prompt_pairs, plackett_luce
 from rlhfkit.losses.supervision import (
@@ -40,7 +41,7 @@ from rlhfkit.losses.supervision import (
     step_label_class,
 )
 from rlhfkit.models import count_parameters
-from rlhfkit.models.reward import load_reward_model, pack_shared_prefix, save_reward_model
+from rlhfkit.models.reward import last_token_index, load_reward_model, pack_shared_prefix, save_reward_model
 from rlhfkit.run import Run, check_finite
 from rlhfkit.train.common import (
     backward,
@@ -95,6 +96,7 @@ class Group:
     source: str = ""
     subset: str | None = None
     truncated_responses: bool = False
+    prompt_tokens: int = 0  # before truncation
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ def encode_steps(tokenizer, steps: list[str]) -> tuple[list[int], list[int]]:
 def to_group(record, kind: str, tokenizer, max_length: int) -> Group:
     """Encode one record and fit it into ``max_length`` tokens (see :func:`fit`)."""
     prompt = encode_prompt(tokenizer, record.prompt)
-    g = Group(prompt=prompt, responses=[], source=record.source, subset=record.subset)
+    g = Group(prompt=prompt, responses=[], source=record.source, subset=record.subset, prompt_tokens=len(prompt))
     if kind == "pairwise":
         g.responses = [encode_response(tokenizer, r, record.prompt) for r in (record.chosen, record.rejected)]
         g.target = record.margin
@@ -149,19 +151,13 @@ def fit(g: Group, max_length: int) -> Group:
     return g
 
 
-def load_groups(path: str, cfg: RMConfig, tokenizer, log=print):
-    loaded = load_records(path, kind=RECORD_KIND[cfg.kind], fields=cfg.fields, on_bad_record=cfg.on_bad_record)
-    log(loaded.summary())
-    return loaded
-
-
 def encode_groups(records, cfg: RMConfig, tokenizer) -> tuple[list[Group], dict]:
     groups, report = [], {"total": len(records), "truncated_prompts": 0, "truncated_responses": 0}
     for r in records:
         g = to_group(r, cfg.kind, tokenizer, cfg.max_length)
         if cfg.kind == "orm" and g.target is None:
             raise SystemExit(f"error: {r.source}: field 'correct': an outcome RM needs a correctness label")
-        report["truncated_prompts"] += len(g.prompt) < len(encode_prompt(tokenizer, r.prompt))
+        report["truncated_prompts"] += len(g.prompt) < g.prompt_tokens
         report["truncated_responses"] += g.truncated_responses
         groups.append(g)
     return groups, report
@@ -201,8 +197,7 @@ def forward_groups(rm, groups: list[Group], pad_id: int, share_prefix: bool):
 
 def pool_last(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Outputs at each row's last real token: (N, T, k) -> (N, k)."""
-    last = mask.long().cumsum(-1).argmax(-1)
-    return scores[torch.arange(scores.shape[0], device=scores.device), last]
+    return scores[torch.arange(scores.shape[0], device=scores.device), last_token_index(mask)]
 
 
 def group_valid(groups: list[Group], k: int, device) -> torch.Tensor:
@@ -316,14 +311,7 @@ def train(cfg: RMConfig) -> Run:
     with stop_on_nonfinite(run):
         # 1. model and data
         rm, tokenizer = load_reward_model(cfg.model, num_labels=num_labels(cfg), seed=cfg.seed)
-        loaded = load_groups(cfg.train, cfg, tokenizer, log)
-        records, held = loaded.records, []
-        if cfg.eval:
-            held = load_groups(cfg.eval, cfg, tokenizer, log).records
-        elif cfg.eval_size:
-            records, held = split_records(records, cfg.eval_size, cfg.split_seed, cfg.split_by)
-        if cfg.limit:
-            records = records[: cfg.limit]
+        records, held, loaded = load_train_eval(cfg, RECORD_KIND[cfg.kind], log)
         train_set, report = encode_groups(records, cfg, tokenizer)
         eval_set, _ = encode_groups(held, cfg, tokenizer)
         if report["truncated_prompts"] or report["truncated_responses"]:

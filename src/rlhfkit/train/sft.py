@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
-from rlhfkit.data import load_records, pad, position_ids, split_records
+from rlhfkit.data import pad, position_ids
+from rlhfkit.data.split import load_train_eval
 from rlhfkit.data.template import Encoded, encode_examples
 from rlhfkit.losses import IGNORE, sft_loss, token_nll
 from rlhfkit.models import count_parameters, load_causal_lm
@@ -66,17 +67,7 @@ def n_supervised(examples: list[Encoded]) -> int:
 
 def load_data(cfg: SFTConfig, tokenizer, log=print):
     """Demonstrations for training and evaluation, encoded, with a report of what was not used."""
-    loaded = load_records(cfg.train, kind="demonstration", fields=cfg.fields, on_bad_record=cfg.on_bad_record)
-    log(loaded.summary())
-    records = loaded.records
-    if cfg.eval:
-        held = load_records(cfg.eval, kind="demonstration", fields=cfg.fields, on_bad_record=cfg.on_bad_record).records
-    elif cfg.eval_size:
-        records, held = split_records(records, cfg.eval_size, cfg.split_seed, cfg.split_by)
-    else:
-        held = []
-    if cfg.limit:
-        records = records[: cfg.limit]
+    records, held, loaded = load_train_eval(cfg, "demonstration", log)
     out = []
     for name, recs in (("train", records), ("eval", held)):
         enc, report = encode_examples(tokenizer, [(r.prompt, r.response, r.source) for r in recs],
