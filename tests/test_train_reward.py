@@ -29,7 +29,7 @@ def test_shared_prefix_packing_gives_the_same_loss(tmp_path, kind):
     path = write_jsonl(tmp_path / "d.jsonl", [rows[kind], {**rows[kind], "prompt": "A longer question here?"}])
     rm, tok = load_reward_model("tiny", num_labels=3 if kind == "prm" else 1)
     cfg = RMConfig(kind=kind, max_length=64)
-    groups, _ = encode_groups(load_records(path).records, cfg, tok)
+    groups, _ = encode_groups(load_records(path).records, cfg.kind, tok, cfg.max_length)
     stats = {"pad_id": tok.pad_token_id}
     losses = []
     for share in (True, False):
@@ -125,3 +125,19 @@ def test_orm_and_prm_eval_on_real_data_formats(tmp_path):
     prm = evaluate(RMEvalConfig(model="tiny", data=str(bbm), kind="prm", fields="prompt=input", eval_size=10))
     assert prm["n_traces"] == 10 and 0 <= prm["first_wrong_step_accuracy"] <= 1
     assert set(prm["baselines"]) == {"no_mistake", "last_step"}
+
+
+def test_token_budget_micro_batches_train_the_same(tmp_path):
+    """--micro-batch-tokens cuts each step's groups by padded tokens instead of by count. The step's
+    groups and their weights are the same, so 3 steps give the same losses and the same final scores
+    as --micro-batch-size 4 (within fp32 summation order), and held-out accuracy is the same."""
+    from rlhfkit.train.common import split_by_tokens
+
+    assert split_by_tokens(list("abcde"), [1, 2, 3, 4, 9], 8) == [["a", "b"], ["c", "d"], ["e"]]
+    data = str(pairs(tmp_path, 24))
+    runs = [train(RMConfig(train=data, eval_size=8, output_dir=str(tmp_path / "runs"), name=f"r{budget}", batch_size=8,
+                           micro_batch_size=4, micro_batch_tokens=budget, max_steps=3, **TINY)) for budget in (0, 40)]
+    losses = [[json.loads(x)["loss"] for x in (r.path / "metrics.jsonl").read_text().splitlines()] for r in runs]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    summaries = [json.loads((r.path / "manifest.json").read_text())["summary"] for r in runs]
+    assert summaries[0]["eval_loss"] == pytest.approx(summaries[1]["eval_loss"], abs=1e-5)

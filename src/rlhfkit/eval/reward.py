@@ -165,7 +165,7 @@ def evaluate(cfg: RMEvalConfig) -> dict:
         records = split_records(records, cfg.eval_size, cfg.split_seed, cfg.split_by)[1]
     rm, tokenizer = load_reward_model(cfg.model, num_labels=3 if cfg.kind == "prm" else 1, seed=cfg.seed)
     rcfg = RMConfig(kind=cfg.kind, max_length=cfg.max_length)
-    groups, report = encode_groups(records, rcfg, tokenizer)
+    groups, report = encode_groups(records, rcfg.kind, tokenizer, rcfg.max_length)
     scores = group_scores(rm, groups, rcfg, tokenizer.pad_token_id, cfg.batch_size)
     result = {"model": cfg.model, "data": cfg.data, "kind": cfg.kind, "eval_size": cfg.eval_size,
               "split_seed": cfg.split_seed, "truncation": report}

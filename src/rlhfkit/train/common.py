@@ -122,6 +122,7 @@ class BatchPlan:
     shuffle: bool = True
     lengths: list[int] | None = None  # when given, each process's share is sorted by length before
     # it is cut into micro-batches: less padding, and the same step gradient (the same examples)
+    token_budget: int = 0  # > 0 (with lengths): micro-batches cut by padded tokens, not by count
 
     def __post_init__(self):
         if self.n < 1:
@@ -147,6 +148,8 @@ class BatchPlan:
         mine = self.step_indices(step)[self.rank * share: (self.rank + 1) * share]
         if self.lengths is not None:
             mine = sorted(mine, key=lambda i: self.lengths[i])
+            if self.token_budget:
+                return split_by_tokens(mine, [self.lengths[i] for i in mine], self.token_budget)
         m = self.micro_batch_size
         return [mine[i: i + m] for i in range(0, share, m)]
 
@@ -185,14 +188,21 @@ def save_hf(accelerator, model, tokenizer, folder) -> None:
 # the pieces of a training stage's loop that every stage shares
 
 
-def start_stage(cfg, stage: str, inputs: dict[str, str]):
+def start_stage(cfg, stage: str, inputs: dict[str, str], accum: int | None = None):
     """Accelerator, run directory and a main-process ``log`` for a stage; prints the config.
-    Validates the batch arithmetic before anything is loaded."""
+    Validates the batch arithmetic before anything is loaded (``accum``: the stage worked out its
+    own micro-batches per optimiser step, as the RL stages do)."""
     from rlhfkit.config import print_config
     from rlhfkit.run import Run
 
-    accum = accumulation_steps(cfg.batch_size, cfg.micro_batch_size, world_size())
+    if accum is None:
+        accum = accumulation_steps(cfg.batch_size, cfg.micro_batch_size, world_size())
     accelerator = make_accelerator(cfg, accum)
+    # every random draw of the stage (LoRA init, heads, dropout-free sampling) from the run's seed, a
+    # different one per process (reference §1a item 6); DDP copies rank 0's initial weights to all
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed + accelerator.process_index * 100003)
     main = accelerator.is_main_process
     if main:
         print_config(cfg)
@@ -201,26 +211,63 @@ def start_stage(cfg, stage: str, inputs: dict[str, str]):
     return accelerator, run, log
 
 
-def prepare_training(accelerator, run, cfg, model, n_examples: int, log, lengths: list[int] | None = None):
+def prepare_training(accelerator, run, cfg, model, n_examples: int, log, lengths: list[int] | None = None,
+                     token_budget: int = 0):
     """Batch plan, optimiser and schedule, ``accelerator.prepare``, and the resume point.
 
     Returns (model, optimizer, scheduler, plan, steps, start_step)."""
     plan = BatchPlan(n_examples, cfg.batch_size, cfg.micro_batch_size, world_size(), accelerator.process_index,
-                     cfg.seed, lengths=lengths)
+                     cfg.seed, lengths=lengths, token_budget=token_budget)
     steps = total_steps(cfg, plan)
-    optimizer, scheduler = build_optimizer(model, cfg, steps)
+    model, optimizer, scheduler, start = prepare_optimisation(accelerator, run, cfg, model, steps, log)
+    return model, optimizer, scheduler, plan, steps, start
+
+
+def prepare_optimisation(accelerator, run, cfg, model, updates: int, log):
+    """Optimiser and schedule over ``updates`` optimiser steps, ``accelerator.prepare``, and the
+    resume point. Returns (model, optimizer, scheduler, start_step)."""
+    optimizer, scheduler = build_optimizer(model, cfg, updates)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     start = run.load_checkpoint(accelerator)["step"] if cfg.resume else 0
     if start:
         log(f"resumed {run.path} at step {start}")
-    return model, optimizer, scheduler, plan, steps, start
+    return model, optimizer, scheduler, start
 
 
-def backward(accelerator, loss, plan: BatchPlan) -> None:
+def backward(accelerator, loss) -> None:
     """Backward of one micro-batch's share of the step's loss. accelerate divides by the
     accumulation steps and DDP averages over processes: both are undone, so the step's gradient is
     that of the loss over the whole global batch (reference §8 item 9)."""
-    accelerator.backward(loss * plan.accum * plan.world)
+    accelerator.backward(loss * accelerator.gradient_accumulation_steps * accelerator.num_processes)
+
+
+def micro_step(accelerator, model, last: bool):
+    """The context of one micro-batch's forward and backward. With a fixed number of micro-batches per
+    step it is accelerate's ``accumulate``; when the count varies (micro-batches cut by a token
+    budget, accumulation 1 for accelerate) gradients are synchronised across processes only on the
+    step's last micro-batch, so every process makes exactly one synchronised backward per step."""
+    import contextlib
+
+    if accelerator.gradient_accumulation_steps > 1:
+        return accelerator.accumulate(model)
+    return contextlib.nullcontext() if last else accelerator.no_sync(model)
+
+
+def split_by_tokens(items: list, lengths: list[int], budget: int) -> list[list]:
+    """Cut ``items`` (sorted by length) into consecutive micro-batches whose padded size, count x
+    longest, stays within ``budget`` tokens; an item longer than the budget goes alone.
+
+    >>> split_by_tokens(list("abcde"), [1, 2, 3, 4, 9], 8)
+    [['a', 'b'], ['c', 'd'], ['e']]
+    """
+    out, cur, longest = [], [], 0
+    for item, n in zip(items, lengths):
+        if cur and (len(cur) + 1) * max(longest, n) > budget:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(item)
+        longest = max(longest, n)
+    return out + ([cur] if cur else [])
 
 
 def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float, step: int) -> tuple[float, float]:

@@ -45,11 +45,14 @@ from rlhfkit.models.reward import last_token_index, load_reward_model, pack_shar
 from rlhfkit.run import Run, check_finite
 from rlhfkit.train.common import (
     backward,
+    micro_step,
     optimizer_step,
     prepare_model,
     prepare_training,
     progress,
+    release_freed_memory,
     should_save,
+    split_by_tokens,
     start_stage,
     stop_on_nonfinite,
 )
@@ -79,6 +82,10 @@ class RMConfig(RunArgs, OptimArgs, DataArgs, ModelArgs):
     """Peak learning rate (AdamW)."""
     eval_batch_size: int = 16
     """Groups per forward pass when evaluating."""
+    micro_batch_tokens: int = 0
+    """> 0: cut each step's groups (sorted by length) into micro-batches of at most this many padded
+    tokens instead of --micro-batch-size groups (also for evaluation): bounded memory whatever the
+    lengths, and short groups share a pass."""
     normalize_on: str = ""
     """After training, set the reward bias so these (prompt, response) records, e.g. reference-policy
     samples or demonstrations, score 0 on average (reference §1d). Stored as config.rlhfkit_reward_bias."""
@@ -151,11 +158,12 @@ def fit(g: Group, max_length: int) -> Group:
     return g
 
 
-def encode_groups(records, cfg: RMConfig, tokenizer) -> tuple[list[Group], dict]:
+def encode_groups(records, kind: str, tokenizer, max_length: int) -> tuple[list[Group], dict]:
+    """Records of a kind -> groups fitted into ``max_length`` tokens, with a truncation report."""
     groups, report = [], {"total": len(records), "truncated_prompts": 0, "truncated_responses": 0}
     for r in records:
-        g = to_group(r, cfg.kind, tokenizer, cfg.max_length)
-        if cfg.kind == "orm" and g.target is None:
+        g = to_group(r, kind, tokenizer, max_length)
+        if kind == "orm" and g.target is None:
             raise SystemExit(f"error: {r.source}: field 'correct': an outcome RM needs a correctness label")
         report["truncated_prompts"] += len(g.prompt) < g.prompt_tokens
         report["truncated_responses"] += g.truncated_responses
@@ -193,6 +201,14 @@ def forward_groups(rm, groups: list[Group], pad_id: int, share_prefix: bool):
     out = scores[torch.tensor(rows, device=device)[:, None], idx]
     cmask = pad([[1] * len(r) for r in flat], 0, "right").to(device)
     return out, cmask, k
+
+
+def group_tokens(g: Group, share_prefix: bool) -> int:
+    """Tokens one group takes in a forward pass: the packed row (prompt once, then every response), or
+    one padded prompt + response row per response when not shared."""
+    if share_prefix:
+        return len(g.prompt) + sum(len(r) for r in g.responses)
+    return len(g.responses) * (len(g.prompt) + max(len(r) for r in g.responses))
 
 
 def pool_last(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -307,13 +323,14 @@ def summarise(sums: dict) -> dict:
 
 
 def train(cfg: RMConfig) -> Run:
-    accelerator, run, log = start_stage(cfg, "rm", {"train": cfg.train, "eval": cfg.eval, "model": cfg.model})
+    accelerator, run, log = start_stage(cfg, "rm", {"train": cfg.train, "eval": cfg.eval, "model": cfg.model},
+                                        accum=1 if cfg.micro_batch_tokens else None)
     with stop_on_nonfinite(run):
         # 1. model and data
         rm, tokenizer = load_reward_model(cfg.model, num_labels=num_labels(cfg), seed=cfg.seed)
         records, held, loaded = load_train_eval(cfg, RECORD_KIND[cfg.kind], log)
-        train_set, report = encode_groups(records, cfg, tokenizer)
-        eval_set, _ = encode_groups(held, cfg, tokenizer)
+        train_set, report = encode_groups(records, cfg.kind, tokenizer, cfg.max_length)
+        eval_set, _ = encode_groups(held, cfg.kind, tokenizer, cfg.max_length)
         if report["truncated_prompts"] or report["truncated_responses"]:
             log(f"fitted into {cfg.max_length} tokens: {report['truncated_prompts']} prompts lost their oldest tokens, "
                 f"{report['truncated_responses']} groups had responses cut at the end")
@@ -327,9 +344,9 @@ def train(cfg: RMConfig) -> Run:
         trainable, total = count_parameters(rm)
         log(f"reward model {cfg.model} ({cfg.kind}): {trainable:,} of {total:,} parameters trainable, "
             f"{len(train_set)} train / {len(eval_set)} eval groups")
-        lengths = [len(g.prompt) + max(len(r) for r in g.responses) for g in train_set]
+        lengths = [group_tokens(g, cfg.share_prefix) for g in train_set]
         rm, optimizer, scheduler, plan, steps, start = prepare_training(accelerator, run, cfg, rm, len(train_set), log,
-                                                                        lengths=lengths)
+                                                                        lengths=lengths, token_budget=cfg.micro_batch_tokens)
         loss_fn = LOSSES[cfg.kind]
 
         # 2. the loop
@@ -338,13 +355,13 @@ def train(cfg: RMConfig) -> Run:
             micro = [[train_set[i] for i in mb] for mb in plan.micro_batches(step)]
             sums: dict[str, torch.Tensor] = {}
             step_loss = torch.zeros((), device=accelerator.device)
-            for mb in micro:
-                with accelerator.accumulate(rm):
+            for j, mb in enumerate(micro):
+                with micro_step(accelerator, rm, last=j == len(micro) - 1):
                     loss, stat = loss_fn(rm, mb, cfg, stats)
                     # every group weighs the same: the micro-batch mean times its share of the batch
                     loss = loss * len(mb) / cfg.batch_size
                     check_finite(step + 1, loss=loss)
-                    backward(accelerator, loss, plan)
+                    backward(accelerator, loss)
                 step_loss += loss.detach()
                 for k, v in stat.items():
                     sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=accelerator.device, dtype=torch.float32)
@@ -398,14 +415,19 @@ def evaluate(rm, groups: list[Group], cfg: RMConfig, stats: dict, accelerator) -
     """The training statistics (loss, accuracy, margin, reward mean/std) on held-out groups."""
     rm.eval()
     mine = sorted(groups[accelerator.process_index:: accelerator.num_processes],
-                  key=lambda g: len(g.prompt) + max(len(r) for r in g.responses))
+                  key=lambda g: group_tokens(g, cfg.share_prefix))
+    if cfg.micro_batch_tokens:
+        chunks = split_by_tokens(mine, [group_tokens(g, cfg.share_prefix) for g in mine], cfg.micro_batch_tokens)
+    else:
+        chunks = [mine[i: i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
     sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=accelerator.device)}
-    for i in range(0, len(mine), cfg.eval_batch_size):
-        chunk = mine[i: i + cfg.eval_batch_size]
+    for chunk in chunks:
         loss, stat = LOSSES[cfg.kind](rm, chunk, cfg, stats)
         sums["loss"] += loss * len(chunk)
         for k, v in stat.items():
             sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=accelerator.device, dtype=torch.float32)
+        if accelerator.device.type == "cpu":
+            release_freed_memory()
     rm.train()
     totals = {k: accelerator.reduce(v, "sum").item() for k, v in sums.items()}
     return {"loss": totals["loss"] / max(len(groups), 1), **summarise(totals)}

@@ -110,7 +110,7 @@ def train(cfg: SFTConfig) -> Run:
                 with accelerator.accumulate(model):
                     loss = sft_loss(model(**batch, use_cache=False).logits, labels, n_tokens)
                     check_finite(step + 1, loss=loss)
-                    backward(accelerator, loss, plan)
+                    backward(accelerator, loss)
                 step_loss += loss.detach()
             grad_norm, lr = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step + 1)
             loss = accelerator.reduce(step_loss, "sum").item()

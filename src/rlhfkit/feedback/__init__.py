@@ -1,0 +1,1 @@
+"""Feedback: LLM-as-judge verdicts and AI labelling."""

@@ -1,0 +1,257 @@
+"""Reward sources: a reward model, rule functions, a remote HTTP scorer, and weighted sums of them.
+
+Every source is called the same way, on text:
+
+    source(prompts: list[list[message]], responses: list[str], meta: list[dict]) -> list[float]
+
+``meta`` carries each prompt record's other fields (a GSM8K reference answer, an id, ...).
+
+On the command line a reward is one string, a sum of weighted terms::
+
+    --reward runs/rm/final                          a saved reward model
+    --reward rule:configs/rules/keywords.yaml       rule terms from a YAML file (see RuleReward)
+    --reward http://host:8000/score                 a remote scorer (see RemoteReward)
+    --reward "1.0*runs/rm/final + 0.5*rule:r.yaml"  a weighted composite
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+# ---------------------------------------------------------------------------------------------
+# rule terms: small pure functions of one response
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[\w']+", text.lower())
+
+
+def keyword_fraction(text: str, keywords: list[str]) -> float:
+    """Fraction of the required keywords that appear (case-insensitive, whole words or phrases)."""
+    if not keywords:
+        return 0.0
+    low = text.lower()
+    return sum(bool(re.search(rf"\b{re.escape(k.lower())}\b", low)) for k in keywords) / len(keywords)
+
+
+def banned_count(text: str, banned: list[str]) -> int:
+    """How many of the banned words or phrases appear."""
+    low = text.lower()
+    return sum(bool(re.search(rf"\b{re.escape(b.lower())}\b", low)) for b in banned)
+
+
+def length_penalty(text: str, min_words: int, max_words: int) -> float:
+    """0 inside the window [min_words, max_words]; outside, the relative distance to it:
+    (min - n) / min below, (n - max) / max above."""
+    n = len(words(text))
+    if min_words and n < min_words:
+        return (min_words - n) / min_words
+    if max_words and n > max_words:
+        return (n - max_words) / max_words
+    return 0.0
+
+
+def repetition_rate(text: str, n: int = 3) -> float:
+    """Share of word n-grams that repeat an earlier n-gram of the same text: 0 for no repetition,
+    towards 1 for a loop."""
+    w = words(text)
+    grams = [tuple(w[i: i + n]) for i in range(len(w) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> str | None:
+    """The answer of a GSM8K-style solution: the number after '####' (or 'A:' / 'answer is'), else
+    the last number in the text; commas and a trailing '.0' dropped."""
+    for marker in ("####", "answer is", "A:"):
+        if marker in text:
+            found = NUMBER.findall(text.rsplit(marker, 1)[1])
+            if found:
+                return _canonical(found[0])
+    found = NUMBER.findall(text)
+    return _canonical(found[-1]) if found else None
+
+
+def _canonical(number: str) -> str:
+    number = number.replace(",", "")
+    return number[:-2] if number.endswith(".0") else number
+
+
+def exact_answer(text: str, reference: str) -> float:
+    """1 if the response's final number equals the reference answer's, else 0."""
+    got, want = final_number(text), final_number(str(reference))
+    return float(got is not None and got == want)
+
+
+@dataclass
+class RuleReward:
+    """A rule reward: the weighted sum of the terms that are switched on. Seed 004's example
+    (required keywords, no banned words, a length window) is the first three terms.
+
+        r = w_keywords * keyword_fraction - w_banned * banned_count - w_length * length_penalty
+            - w_repetition * repetition_rate + w_format * [regex matches] + w_answer * exact_answer
+    """
+
+    keywords: list[str] = field(default_factory=list)
+    banned: list[str] = field(default_factory=list)
+    min_words: int = 0
+    max_words: int = 0
+    regex: str = ""
+    answer_field: str = ""  # meta field with the reference answer (exact match on the final number)
+    w_keywords: float = 1.0
+    w_banned: float = 1.0
+    w_length: float = 1.0
+    w_repetition: float = 0.0
+    w_format: float = 1.0
+    w_answer: float = 1.0
+    name: str = "rule"
+
+    def terms(self, text: str, meta: dict) -> dict[str, float]:
+        """Each switched-on term's value for one response (before weights)."""
+        out = {}
+        if self.keywords:
+            out["keywords"] = keyword_fraction(text, self.keywords)
+        if self.banned:
+            out["banned"] = -float(banned_count(text, self.banned))
+        if self.min_words or self.max_words:
+            out["length"] = -length_penalty(text, self.min_words, self.max_words)
+        if self.w_repetition:
+            out["repetition"] = -repetition_rate(text)
+        if self.regex:
+            out["format"] = float(re.search(self.regex, text, re.DOTALL) is not None)
+        if self.answer_field:
+            if self.answer_field not in meta:
+                raise ValueError(f"rule reward: the prompt record has no field '{self.answer_field}' "
+                                 f"(fields: {', '.join(meta) or 'none'})")
+            out["answer"] = exact_answer(text, meta[self.answer_field])
+        return out
+
+    def __call__(self, prompts, responses, meta) -> list[float]:
+        weights = {"keywords": self.w_keywords, "banned": self.w_banned, "length": self.w_length,
+                   "repetition": self.w_repetition, "format": self.w_format, "answer": self.w_answer}
+        return [sum(weights[k] * v for k, v in self.terms(r, m).items()) for r, m in zip(responses, meta)]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RuleReward:
+        """A rule from YAML: the fields above as keys. Unknown keys are an error naming the file."""
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise SystemExit(f"error: rule file {path} not found") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SystemExit(f"error: {path}: unknown rule field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data, **({} if "name" in data else {"name": f"rule:{Path(path).stem}"}))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelReward:
+    """A saved reward model (``AutoModelForSequenceClassification``) scoring the whole dialogue."""
+
+    def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, device=None):
+        from rlhfkit.models.reward import load_reward_model
+
+        self.model, self.tokenizer = load_reward_model(path)
+        if device is not None:
+            self.model.to(device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.batch_size, self.max_length, self.name = batch_size, max_length, f"rm:{Path(path).name}"
+
+    def __call__(self, prompts, responses, meta) -> list[float]:
+        from rlhfkit.models.reward import score
+
+        return score(self.model, self.tokenizer, prompts, responses, batch_size=self.batch_size,
+                     max_length=self.max_length)
+
+
+class RemoteReward:
+    """An HTTP scorer. POSTs ``{"prompts": [[messages]], "responses": [str], "meta": [{}]}`` and expects
+    ``{"rewards": [float, ...]}`` back, one per response. Each request has a timeout; failures
+    (connection errors, 5xx, malformed answers) are retried with exponential backoff, and the last
+    error is raised naming the URL."""
+
+    def __init__(self, url: str, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5):
+        self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
+        self.name = url
+
+    def __call__(self, prompts, responses, meta) -> list[float]:
+        body = json.dumps({"prompts": prompts, "responses": responses, "meta": meta}).encode()
+        error = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    rewards = json.loads(resp.read())["rewards"]
+                if len(rewards) != len(responses):
+                    raise ValueError(f"{len(rewards)} rewards for {len(responses)} responses")
+                return [float(r) for r in rewards]
+            except urllib.error.HTTPError as e:
+                error = f"HTTP {e.code}"
+                if e.code < 500:
+                    break  # a client error will not go away on retry
+            except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, TypeError) as e:
+                error = f"{type(e).__name__}: {e}"
+        raise RuntimeError(f"remote reward {self.url}: {error} (after {attempt + 1} attempt(s))")
+
+
+@dataclass
+class CompositeReward:
+    """sum_i w_i * source_i. ``last_terms`` keeps the latest per-source means for logging."""
+
+    parts: list[tuple[float, object]]
+    last_terms: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return " + ".join(f"{w:g}*{s.name}" for w, s in self.parts)
+
+    def __call__(self, prompts, responses, meta) -> list[float]:
+        total = [0.0] * len(responses)
+        for w, source in self.parts:
+            values = source(prompts, responses, meta)
+            self.last_terms[source.name] = sum(values) / max(len(values), 1)
+            total = [t + w * v for t, v in zip(total, values)]
+        return total
+
+
+def parse_reward(spec: str, batch_size: int = 16, max_length: int = 1024, device=None) -> CompositeReward:
+    """A reward from its command-line string (see the module docstring)."""
+    parts = []
+    for term in (t.strip() for t in spec.split("+")):
+        if not term:
+            raise SystemExit(f"error: --reward {spec!r}: empty term")
+        weight = 1.0
+        head, star, rest = term.partition("*")
+        if star:
+            try:
+                weight, term = float(head), rest.strip()
+            except ValueError:
+                raise SystemExit(f"error: --reward {spec!r}: '{head}' is not a weight") from None
+        if term.startswith(("http://", "https://")):
+            source = RemoteReward(term)
+        elif term.startswith("rule:") or term.endswith((".yaml", ".yml")):
+            source = RuleReward.from_file(term.removeprefix("rule:"))
+        else:
+            path = term.removeprefix("rm:")
+            if not Path(path).exists():
+                raise SystemExit(f"error: --reward: reward model {path} not found (expected a saved reward model "
+                                 f"folder, rule:FILE.yaml or an http(s) URL)")
+            source = ModelReward(path, batch_size, max_length, device)
+        parts.append((weight, source))
+    return CompositeReward(parts)

@@ -1,0 +1,197 @@
+"""Critic-free policy gradient (``rlhfkit pg --estimator reinforce|rloo|grpo|dr_grpo``).
+
+k samples per prompt; the baseline comes from the samples themselves instead of a value model
+(reference §4). Each step::
+
+    # 1. rollout       k responses per prompt
+    # 2. logprobs      pi_old and pi_ref at the sampling temperature
+    # 3. score         reward source, missing-EOS penalty
+    # 4. rewards       R_i = score_i - beta * sum_t KL_t    (--kl-in reward; with --kl-in loss the KL
+    #                  term goes into the loss instead, GRPO-style)
+    # 5. advantages    one per sequence: reinforce (batch-mean baseline), rloo (leave-one-out),
+    #                  grpo ((R - mean) / std in the group), dr_grpo (R - mean); the same for every token
+    # 6. update        PPO-clipped surrogate over --ppo-epochs (1: plain on-policy policy gradient)
+
+KL in the loss (reference §2.2): E[grad k1] = 0 on-policy, so k1 there regularises nothing; k3 (GRPO's
+choice) follows the gradient of the *forward* KL(pi_ref || pi); k2's gradient is the reverse KL's.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
+from rlhfkit.losses.advantages import grpo_advantages, reinforce_advantages, rloo_advantages
+from rlhfkit.losses.kl import kl_penalty
+from rlhfkit.losses.ppo import aggregate, policy_loss
+from rlhfkit.rollout.sampler import gather_logprobs, response_logits
+from rlhfkit.train.common import (
+    backward,
+    optimizer_step,
+    progress,
+    stop_on_nonfinite,
+)
+from rlhfkit.train.rl import (
+    KLArgs,
+    SamplingArgs,
+    end_step,
+    finish,
+    logprob_phase,
+    loss_total,
+    mean_stats,
+    minibatches,
+    prepare_rl,
+    rollout_metrics,
+    rollout_phase,
+    start_rl,
+    step_generator,
+    sum_stats,
+)
+
+ESTIMATORS = {
+    "reinforce": reinforce_advantages,
+    "rloo": rloo_advantages,
+    "grpo": grpo_advantages,
+    "dr_grpo": lambda r: grpo_advantages(r, scale=False),
+}
+# each estimator's paper aggregates token losses its own way (reference §4)
+DEFAULT_AGGREGATION = {"reinforce": "token", "rloo": "token", "grpo": "sequence", "dr_grpo": "constant"}
+
+CURVES = ["score", "kl", "non_score_reward", "beta", "entropy", "approx_kl", "policy_clipfrac", "advantage_std",
+          "response_length", "eos_rate", "zero_advantage_groups"]
+
+
+@dataclass
+class PGConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, KLArgs):
+    """Critic-free policy gradient: REINFORCE, RLOO, GRPO or Dr. GRPO, with a KL tether to the reference."""
+
+    estimator: Literal["reinforce", "rloo", "grpo", "dr_grpo"] = "rloo"
+    """Advantage estimator (reference §4)."""
+    samples_per_prompt: int = 4
+    """k responses per prompt (the group)."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Put the KL penalty in the sequence reward (RLOO, REINFORCE) or in the loss (GRPO; use k3 or k2)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch (1: on-policy, the ratio stays 1)."""
+    num_minibatches: int = 1
+    """Optimiser steps per epoch."""
+    clip: float = 0.2
+    """Ratio clip range when --ppo-epochs > 1."""
+    clip_high: float = -1.0
+    """Upper clip range (DAPO clip-higher; -1: same as --clip)."""
+    loss_aggregation: Literal["auto", "token", "sequence", "constant"] = "auto"
+    """Token losses averaged over all tokens, per sequence, or by a constant; 'auto' is the estimator's
+    paper: grpo sequence, dr_grpo constant, the others token."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus."""
+    batch_size: int = 8
+    """Prompts per step (over all processes); the step has batch_size x samples_per_prompt responses."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass."""
+    lr: float = 1e-5
+    """Peak learning rate."""
+    max_steps: int = 30
+    """Steps (rollout + update); 0: one pass over the prompts per --epochs."""
+    eval_size: float = 64
+    """Prompts held out of --train for the final comparison with the reference."""
+
+
+def pg_loss(logits, tokens, old_logp, ref_logp, advantages, mask, cfg, beta: float, total):
+    """One micro-batch's loss: agg(PPO-clip with sequence advantages) [+ beta * agg(KL_t) with --kl-in loss]
+    [- entropy_coef * agg(H)]. Returns (loss, summed statistics)."""
+    from rlhfkit.losses.ppo import entropy
+
+    mode = aggregation(cfg)
+    logp = gather_logprobs(logits, tokens)
+    adv = advantages[:, None].expand_as(logp)
+    pg, ratio, clipped = policy_loss(logp, old_logp, adv, cfg.clip, None if cfg.clip_high < 0 else cfg.clip_high)
+    loss = aggregate(pg, mask, mode, total)
+    stats = {"policy_loss": (pg * mask).sum(), "approx_kl": (0.5 * (logp - old_logp) ** 2 * mask).sum(),
+             "policy_clipfrac": (clipped * mask).sum(), "ratio": (ratio * mask).sum(), "tokens": mask.sum()}
+    if cfg.kl_in == "loss":
+        kl = kl_penalty(logp, ref_logp, cfg.kl_estimator)
+        loss = loss + beta * aggregate(kl, mask, mode, total)
+        stats["kl_loss"] = (kl * mask).sum()
+    ent = entropy(logits)
+    if cfg.entropy_coef:
+        loss = loss - cfg.entropy_coef * aggregate(ent, mask, mode, total)
+    stats["entropy"] = (ent * mask).sum()
+    return loss, {k: v.detach().float() for k, v in stats.items()}
+
+
+def aggregation(cfg: PGConfig) -> str:
+    return DEFAULT_AGGREGATION[cfg.estimator] if cfg.loss_aggregation == "auto" else cfg.loss_aggregation
+
+
+def train(cfg: PGConfig):
+    if cfg.kl_in == "loss" and cfg.kl_estimator == "k1" and cfg.beta:
+        warnings.warn("--kl-in loss with k1: its gradient is zero in expectation on-policy (reference §2.2); "
+                      "use --kl-estimator k3 (GRPO) or k2", stacklevel=1)
+    k = cfg.samples_per_prompt
+    s = start_rl(cfg, "pg", k)
+    accelerator, tokenizer, reference, reward = s.accelerator, s.tokenizer, s.reference, s.reward
+    with stop_on_nonfinite(s.run):
+        model, optimizer, scheduler, start, inner = prepare_rl(s, cfg, s.policy)
+        T, mode = cfg.temperature, aggregation(cfg)
+
+        bar = progress(range(start, s.steps), accelerator.is_main_process and cfg.progress, f"pg {cfg.estimator}",
+                       start, s.steps)
+        for step in bar:
+            g = step_generator(cfg, step, accelerator.process_index)
+            with accelerator.autocast():
+                # 1. rollout: k samples per prompt, and # 3. score
+                batch = rollout_phase(inner, tokenizer, reward, s.prompts, s.plan.micro_batches(step)[0], k, cfg, g)
+                ro, mask = batch.rollout, batch.rollout.response_mask.float()
+                # 2. logprobs of pi_old and pi_ref at T
+                t0 = time.perf_counter()
+                old_logp, ref_logp, _ = logprob_phase(inner, reference, ro, T, cfg.micro_batch_size)
+                t_logprobs = time.perf_counter() - t0
+
+            # 4. sequence rewards: R = score - beta * sum_t KL_t (KL in the reward), or the score alone
+            beta = s.kl_ctl.beta
+            seq_reward = batch.scores.clone()
+            if cfg.kl_in == "reward":
+                seq_reward -= beta * (kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask).sum(-1)
+            # 5. one advantage per sequence from its group of k
+            advantages = ESTIMATORS[cfg.estimator](seq_reward.view(-1, k)).reshape(-1)
+
+            # 6. policy update
+            t0 = time.perf_counter()
+            sums: dict = {}
+            for micro in minibatches(len(mask), cfg.ppo_epochs, cfg.num_minibatches, cfg.micro_batch_size, g):
+                total = loss_total(accelerator, mask, micro, mode)
+                for i in micro:
+                    sub = ro.select(i)
+                    w = sub.response_ids.shape[1]
+                    with accelerator.accumulate(model):
+                        logits = response_logits(model, sub, T)
+                        loss, stats = pg_loss(logits, sub.response_ids, old_logp[i, :w], ref_logp[i, :w], advantages[i],
+                                              mask[i, :w], cfg, beta, total)
+                        backward(accelerator, loss)
+                    sum_stats(sums, stats)
+                grad_norm, lr = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step + 1)
+
+            # 7. KL controller and logging
+            metrics = rollout_metrics(accelerator, batch, old_logp, ref_logp, mask, beta)
+            s.kl_ctl.update(metrics["kl"], cfg.batch_size * k)
+            groups = seq_reward.view(-1, k)
+            metrics.update(mean_stats(accelerator, sums), advantage_std=advantages.std().item() if len(advantages) > 1 else 0.0,
+                           zero_advantage_groups=(groups.max(1).values == groups.min(1).values).float().mean().item(),
+                           lr=lr, grad_norm=grad_norm, **batch.seconds, time_logprobs=t_logprobs,
+                           time_train=time.perf_counter() - t0)
+            end_step(s, cfg, bar, step, metrics)
+
+        return finish(s, cfg, inner, CURVES)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rlhfkit.config import parse
+
+    cfg = parse(PGConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit pg", description=PGConfig.__doc__)
+    if not cfg.train:
+        raise SystemExit("error: --train PROMPTS is required")
+    train(cfg)

@@ -1,0 +1,280 @@
+"""PPO actor-critic with a KL penalty to a frozen reference (``rlhfkit ppo``).
+
+Four roles (Ziegler et al. 2019; Ouyang et al. 2022): the policy (actor), the frozen reference (the
+policy with its LoRA adapter switched off, or a frozen copy), the reward source, and the value
+model (critic: a zero-initialised value head on the reward model's or the policy's backbone).
+
+Each step::
+
+    # 1. rollout             sample one response per prompt (KV cache, temperature T)
+    # 2. logprobs, values    teacher-forced logprobs of policy and reference at T; critic values
+    # 3. score               reward source on the text; missing-EOS penalty
+    # 4. rewards             r_t = -beta * KL_t, + score at the EOS token
+    # 5. advantages          GAE(gamma, lambda) on the critic's values; whitening
+    # 6. PPO epochs          shuffled minibatches, clipped policy + clipped value loss (+ entropy, + ptx)
+    # 7. KL controller       adapt beta (Ziegler et al.) and log
+
+The ``a2c`` preset (seed 004) is one epoch, one minibatch and no clipping: the advantage
+actor-critic loss -A*log pi + vf_coef * 0.5 (V - R)^2.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
+from rlhfkit.losses.advantages import gae, token_rewards, whiten
+from rlhfkit.losses.kl import kl_penalty
+from rlhfkit.losses.lm import sft_loss
+from rlhfkit.losses.ppo import aggregate, entropy, policy_loss, value_loss
+from rlhfkit.rollout.sampler import Rollout, gather_logprobs, response_logits, response_values
+from rlhfkit.train.common import (
+    backward,
+    optimizer_step,
+    progress,
+    stop_on_nonfinite,
+)
+from rlhfkit.train.rl import (
+    KLArgs,
+    SamplingArgs,
+    end_step,
+    explained_variance,
+    finish,
+    logprob_phase,
+    loss_total,
+    mean_stats,
+    minibatches,
+    prepare_rl,
+    rollout_metrics,
+    rollout_phase,
+    start_rl,
+    step_generator,
+    sum_stats,
+)
+
+PRESETS = {
+    "ppo": {},
+    "a2c": {"ppo_epochs": 1, "num_minibatches": 1, "clip": float("inf"), "value_clip": 0.0},
+}
+
+CURVES = ["score", "kl", "non_score_reward", "beta", "entropy", "approx_kl", "policy_clipfrac", "value_clipfrac",
+          "value_loss", "explained_variance", "response_length", "eos_rate", "ptx_loss"]
+
+
+@dataclass
+class PPOConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, KLArgs):
+    """PPO actor-critic RLHF against a reward, with a per-token KL penalty to the reference."""
+
+    preset: Literal["ppo", "a2c"] = "ppo"
+    """'a2c': one epoch, one minibatch, no clipping (the advantage actor-critic of seed 004)."""
+    critic: str = ""
+    """Backbone of the value model ('' : the reward model when --reward is one, else the policy's model)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    num_minibatches: int = 1
+    """Optimiser steps per PPO epoch (the rollout batch is split into this many shuffled minibatches)."""
+    clip: float = 0.2
+    """Policy ratio clip range epsilon."""
+    clip_high: float = -1.0
+    """Upper clip range (DAPO clip-higher; -1: same as --clip)."""
+    value_clip: float = 0.2
+    """Value clip range around the rollout's values (0: no value clipping)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (loss -= coef * entropy)."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards (without the mean shift) before GAE."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the batch's response tokens."""
+    loss_aggregation: Literal["token", "sequence", "constant"] = "token"
+    """How token losses are averaged: over all tokens of the step, per sequence, or by a constant."""
+    ptx_data: str = ""
+    """PPO-ptx: demonstrations whose SFT loss is mixed in (InstructGPT)."""
+    ptx_coef: float = 0.0
+    """Weight of the ptx SFT loss."""
+    batch_size: int = 16
+    """Prompts per PPO step (over all processes)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass."""
+    lr: float = 1e-5
+    """Peak learning rate (policy and critic)."""
+    max_steps: int = 30
+    """PPO steps (rollout + update); 0: one pass over the prompts per --epochs."""
+    max_length: int = 512
+    """Prompt plus response tokens."""
+    eval_size: float = 64
+    """Prompts held out of --train for the final comparison with the reference."""
+
+
+class ActorCritic(nn.Module):
+    """Policy and value model as one module, so one optimiser and one DDP wrapper see both."""
+
+    def __init__(self, policy, critic):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, rollout: Rollout, temperature: float, lm_batch: dict | None = None):
+        logits = response_logits(self.policy, rollout, temperature)
+        values = response_values(self.critic, rollout)
+        lm_logits = self.policy(**lm_batch, use_cache=False).logits if lm_batch is not None else None
+        return logits, values, lm_logits
+
+
+def load_critic(cfg):
+    """The value model: the reward model's (or policy's) backbone with a zero-initialised scalar head
+    (reference §1c item 11), prepared like the policy (LoRA or frozen layers, dropout off)."""
+    from rlhfkit.models.reward import BIAS_KEY, init_reward_head, load_reward_model
+    from rlhfkit.train.common import prepare_model
+
+    spec = cfg.critic
+    if not spec:
+        terms = [t.strip() for t in cfg.reward.split("+")]
+        rm_only = len(terms) == 1 and not terms[0].startswith(("rule:", "http")) and "*" not in terms[0] \
+            and not terms[0].endswith((".yaml", ".yml"))
+        spec = terms[0].removeprefix("rm:") if rm_only else cfg.model
+    critic, _ = load_reward_model(spec, num_labels=1, seed=cfg.seed)
+    init_reward_head(critic.hf.score, zero=True)
+    setattr(critic.hf.config, BIAS_KEY, 0.0)
+    critic.hf = prepare_model(critic.hf, cfg, modules_to_save=["score"])
+    return critic, spec
+
+
+def ppo_loss(logits, values, tokens, old_logp, old_values, advantages, returns, mask, cfg, total):
+    """The PPO objective of one micro-batch, and its statistics as sums.
+
+        L = agg(L_clip) + vf_coef * agg(L_V) - entropy_coef * agg(H)
+
+    ``total`` is the aggregation denominator over the whole minibatch (losses/ppo.py)."""
+    logp = gather_logprobs(logits, tokens)
+    clip_high = None if cfg.clip_high < 0 else cfg.clip_high
+    pg, ratio, pg_clipped = policy_loss(logp, old_logp, advantages, cfg.clip, clip_high)
+    vf, vf_clipped = value_loss(values, old_values, returns, cfg.value_clip)
+    ent = entropy(logits)
+    mode = cfg.loss_aggregation
+    loss = aggregate(pg, mask, mode, total) + cfg.vf_coef * aggregate(vf, mask, mode, total)
+    if cfg.entropy_coef:
+        loss = loss - cfg.entropy_coef * aggregate(ent, mask, mode, total)
+    d = (logp - old_logp).detach()
+    stats = {"policy_loss": (pg * mask).sum(), "value_loss": (vf * mask).sum(), "entropy": (ent * mask).sum(),
+             "approx_kl": (0.5 * d ** 2 * mask).sum(), "policy_clipfrac": (pg_clipped * mask).sum(),
+             "value_clipfrac": (vf_clipped * mask).sum(), "ratio": (ratio * mask).sum(), "tokens": mask.sum()}
+    return loss, {k: v.detach().float() for k, v in stats.items()}
+
+
+def train(cfg: PPOConfig):
+    s = start_rl(cfg, "ppo", inputs={"ptx": cfg.ptx_data})
+    accelerator, tokenizer, reference, reward = s.accelerator, s.tokenizer, s.reference, s.reward
+    with stop_on_nonfinite(s.run):
+        # 0. the other two roles: the critic, and (PPO-ptx) demonstrations
+        critic, critic_spec = load_critic(cfg)
+        ptx = load_ptx(cfg, s.tokenizer) if cfg.ptx_coef else None
+        s.log(f"critic: {critic_spec} with a zero-initialised value head")
+        model, optimizer, scheduler, start, inner = prepare_rl(s, cfg, ActorCritic(s.policy, critic))
+        T, world = cfg.temperature, accelerator.num_processes
+
+        bar = progress(range(start, s.steps), accelerator.is_main_process and cfg.progress, "ppo", start, s.steps)
+        for step in bar:
+            g = step_generator(cfg, step, accelerator.process_index)
+            with accelerator.autocast():
+                # 1. rollout, and # 3. score (the reward source reads the decoded text)
+                batch = rollout_phase(inner.policy, tokenizer, reward, s.prompts, s.plan.micro_batches(step)[0], 1, cfg, g)
+                ro, mask = batch.rollout, batch.rollout.response_mask.float()
+                # 2. logprobs of the policy (pi_old) and the reference at T, and the critic's values
+                t0 = time.perf_counter()
+                old_logp, ref_logp, old_values = logprob_phase(inner.policy, reference, ro, T, cfg.micro_batch_size,
+                                                               inner.critic)
+                t_logprobs = time.perf_counter() - t0
+
+            # 4. rewards = score - beta * KL (per token; the score lands on the EOS token)
+            kl = kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask
+            rewards = token_rewards(batch.scores, kl, s.kl_ctl.beta, mask)
+            if cfg.whiten_rewards:
+                rewards = whiten(rewards, mask, shift_mean=False)
+            # 5. advantages (GAE) and value targets, before whitening the advantages
+            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                advantages = whiten(advantages, mask)
+
+            # 6. PPO epochs: shuffled minibatches, one optimiser step each, micro-batches accumulated
+            t0 = time.perf_counter()
+            sums: dict = {}
+            ptx_losses: list[float] = []
+            for micro in minibatches(len(mask), cfg.ppo_epochs, cfg.num_minibatches, cfg.micro_batch_size, g):
+                total = loss_total(accelerator, mask, micro, cfg.loss_aggregation)
+                for j, i in enumerate(micro):
+                    sub = ro.select(i)
+                    w = sub.response_ids.shape[1]
+                    lm = next(ptx) if ptx is not None and j == 0 else None
+                    with accelerator.accumulate(model):
+                        logits, values, lm_logits = model(sub, T, lm["batch"] if lm else None)
+                        loss, stats = ppo_loss(logits, values, sub.response_ids, old_logp[i, :w], old_values[i, :w],
+                                               advantages[i, :w], returns[i, :w], mask[i, :w], cfg, total)
+                        if lm is not None:  # PPO-ptx: the SFT loss on demonstrations, once per minibatch
+                            ptx_loss = sft_loss(lm_logits, lm["batch"]["labels"], lm["tokens"] * world)
+                            loss = loss + cfg.ptx_coef * ptx_loss
+                            ptx_losses.append(ptx_loss.item() * world)
+                        backward(accelerator, loss)
+                    sum_stats(sums, stats)
+                grad_norm, lr = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step + 1)
+
+            # 7. KL controller (on the mean summed k1 of the batch) and logging
+            metrics = rollout_metrics(accelerator, batch, old_logp, ref_logp, mask, s.kl_ctl.beta)
+            s.kl_ctl.update(metrics["kl"], cfg.batch_size)
+            metrics.update(mean_stats(accelerator, sums), explained_variance=explained_variance(old_values, returns, mask),
+                           lr=lr, grad_norm=grad_norm, **batch.seconds, time_logprobs=t_logprobs,
+                           time_train=time.perf_counter() - t0)
+            if ptx_losses:
+                metrics["ptx_loss"] = sum(ptx_losses) / len(ptx_losses)
+            if len(reward.parts) > 1:
+                metrics.update({f"reward/{k}": v for k, v in reward.last_terms.items()})
+            end_step(s, cfg, bar, step, metrics)
+
+        return finish(s, cfg, inner.policy, CURVES)
+
+
+def load_ptx(cfg, tokenizer):
+    """An endless iterator of demonstration micro-batches for PPO-ptx: {"batch": tensors, "tokens": count}."""
+    import itertools
+    import random
+
+    from rlhfkit.data import load_records
+    from rlhfkit.data.template import encode_examples
+    from rlhfkit.train.sft import collate
+
+    if not cfg.ptx_data:
+        raise SystemExit("error: --ptx-coef needs --ptx-data FILE (demonstrations)")
+    records = load_records(cfg.ptx_data, kind="demonstration", fields=cfg.fields).records
+    examples, _ = encode_examples(tokenizer, [(r.prompt, r.response, r.source) for r in records], cfg.max_length, cfg.truncation)
+    rng = random.Random(cfg.seed)
+
+    def batches():
+        for _ in itertools.count():
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            for i in range(0, len(order) - cfg.micro_batch_size + 1, cfg.micro_batch_size):
+                chunk = [examples[j] for j in order[i: i + cfg.micro_batch_size]]
+                batch = collate(chunk, tokenizer.pad_token_id, packing=False)
+                yield {"batch": batch, "tokens": max(int((batch["labels"][:, 1:] != -100).sum()), 1)}
+
+    return batches()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rlhfkit.config import parse
+
+    cfg = parse(PPOConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit ppo", description=PPOConfig.__doc__)
+    for key, value in PRESETS[cfg.preset].items():
+        setattr(cfg, key, value)
+    if not cfg.train:
+        raise SystemExit("error: --train PROMPTS is required")
+    train(cfg)

@@ -1,0 +1,468 @@
+"""What the RL stages (``ppo``, ``pg``, ``bon``) share: their sampling and KL flags, the policy and
+its frozen reference, prompts, one rollout phase (sample, decode, score), the held-out comparison
+of the policy with its reference, and the curves. Each algorithm's loop stays in its own file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from rlhfkit.data.split import load_train_eval
+from rlhfkit.data.template import encode_prompt
+from rlhfkit.losses.advantages import masked_var
+from rlhfkit.losses.kl import kl_penalty
+from rlhfkit.rollout.sampler import Rollout, response_logprobs, sample
+
+
+@dataclass
+class SamplingArgs:
+    reward: str = ""
+    """Reward: a saved reward-model folder, rule:FILE.yaml, an http(s):// scorer, or a weighted sum
+    such as '1.0*runs/rm/final + 0.5*rule:r.yaml'."""
+    max_new_tokens: int = 48
+    """Most tokens sampled per response."""
+    min_new_tokens: int = 0
+    """EOS is forbidden before this many tokens."""
+    temperature: float = 0.7
+    """Sampling temperature; training and reference logprobs use the same one (0: greedy)."""
+    top_k: int = 0
+    """Sample from the k most likely tokens only (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens with this much probability."""
+    missing_eos_penalty: float = 0.0
+    """The 'EOS trick': subtracted from the score of a response that hit max_new_tokens without EOS."""
+    reward_batch_size: int = 16
+    """Responses per reward-model forward pass."""
+    eval_prompts: int = 64
+    """Held-out prompts for the final policy-vs-reference comparison (from --eval or --eval-size)."""
+    eval_temperature: float = -1.0
+    """Temperature of the held-out comparison (-1: the training temperature)."""
+
+
+@dataclass
+class KLArgs:
+    beta: float = 0.05
+    """KL coefficient (initial value when adaptive)."""
+    kl_target: float = 0.0
+    """> 0: adaptive KL controller (Ziegler et al.) steering the per-sequence KL to this target."""
+    kl_horizon: int = 10000
+    """Adaptive KL horizon."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator (Schulman 2020)."""
+    reference: str = ""
+    """Reference policy ('': the policy's own starting weights, i.e. the base model with the LoRA adapter
+    switched off, or a frozen copy); or another model, e.g. the SFT model when the policy starts elsewhere."""
+
+
+# ---------------------------------------------------------------------------------------------
+# policy and reference
+
+
+def load_policy(cfg):
+    """The policy (dropout off, LoRA or partly frozen, as the config says) and its tokenizer."""
+    from rlhfkit.models import load_causal_lm
+    from rlhfkit.train.common import prepare_model
+
+    policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
+    return prepare_model(policy, cfg), tokenizer
+
+
+class Reference:
+    """The frozen reference policy pi_ref. With LoRA it is the same model with the adapter switched off
+    (no second copy); otherwise a frozen copy taken before training, or the model ``spec`` names."""
+
+    def __init__(self, policy, mixed_precision: str = "no", spec: str = ""):
+        self.policy = policy
+        self.copy = None
+        if spec:
+            from rlhfkit.models import disable_dropout, load_causal_lm
+
+            self.copy = load_causal_lm(spec)[0]
+            disable_dropout(self.copy)
+        elif not hasattr(policy, "disable_adapter"):
+            import copy
+
+            self.copy = copy.deepcopy(policy)
+        if self.copy is not None:
+            self.copy.eval()
+            for p in self.copy.parameters():
+                p.requires_grad_(False)
+            if mixed_precision == "bf16":
+                self.copy.to(torch.bfloat16)
+
+    def to(self, device) -> Reference:
+        if self.copy is not None:
+            self.copy.to(device)
+        return self
+
+    def model(self, policy):
+        """A context manager in which ``policy`` (possibly DDP-unwrapped) computes pi_ref, and the model to call."""
+        import contextlib
+
+        if self.copy is not None:
+            return contextlib.nullcontext(), self.copy
+        return policy.disable_adapter(), policy
+
+    @torch.no_grad()
+    def logprobs(self, policy, rollout: Rollout, temperature: float) -> torch.Tensor:
+        ctx, model = self.model(policy)
+        with ctx:
+            return response_logprobs(model, rollout, temperature)
+
+    @torch.no_grad()
+    def sample(self, policy, *args, **kwargs) -> Rollout:
+        ctx, model = self.model(policy)
+        with ctx:
+            return sample(model, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+
+
+@dataclass
+class Prompts:
+    records: list
+    ids: list[list[int]]
+
+
+def load_prompts(cfg, tokenizer, log) -> tuple[Prompts, Prompts]:
+    """Training and held-out prompts, chat-templated. Prompts longer than max_length - max_new_tokens
+    lose their oldest tokens (counted and reported)."""
+    train, held, _ = load_train_eval(cfg, "prompt", log)
+    held = held[: cfg.eval_prompts]
+    budget = cfg.max_length - cfg.max_new_tokens
+    if budget < 8:
+        raise SystemExit(f"error: --max-length {cfg.max_length} leaves no room for prompts after "
+                         f"--max-new-tokens {cfg.max_new_tokens}")
+
+    def encode(records):
+        ids = [encode_prompt(tokenizer, r.prompt) for r in records]
+        cut = sum(len(x) > budget for x in ids)
+        if cut:
+            log(f"{cut} prompts longer than {budget} tokens lost their oldest tokens")
+        return Prompts(records, [x[-budget:] for x in ids])
+
+    return encode(train), encode(held)
+
+
+# ---------------------------------------------------------------------------------------------
+# one rollout phase
+
+
+@dataclass
+class Batch:
+    """A scored rollout: each prompt repeated k times, consecutive."""
+
+    rollout: Rollout
+    records: list
+    texts: list[str]
+    scores: torch.Tensor  # (B,) after the missing-EOS penalty
+    raw_scores: torch.Tensor  # (B,) as the reward source gave them
+    seconds: dict
+
+
+def sampling_kwargs(cfg, tokenizer, temperature: float | None = None) -> dict:
+    return dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature if temperature is None else temperature, top_k=cfg.top_k,
+                top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens)
+
+
+def decode(tokenizer, rollout: Rollout) -> list[str]:
+    return [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
+            for r, m in zip(rollout.response_ids, rollout.response_mask)]
+
+
+def score_texts(reward, records, texts: list[str], rollout: Rollout, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score after the missing-EOS penalty, raw score) for each response. The reward sees the
+    response text without EOS and the whole prompt conversation."""
+    raw = torch.tensor(reward([r.prompt for r in records], texts, [r.meta for r in records]), dtype=torch.float32)
+    return raw - penalty * (~rollout.eos).float(), raw
+
+
+def rollout_phase(policy, tokenizer, reward, prompts: Prompts, indices: list[int], k: int, cfg, generator,
+                  sampler=sample) -> Batch:
+    """# 1. sample k responses per prompt, # 3. score them (the logprob phase is the stage's own)."""
+    t0 = time.perf_counter()
+    ids = [prompts.ids[i] for i in indices for _ in range(k)]
+    records = [prompts.records[i] for i in indices for _ in range(k)]
+    rollout = sampler(policy, ids, **sampling_kwargs(cfg, tokenizer), generator=generator)
+    t1 = time.perf_counter()
+    texts = decode(tokenizer, rollout)
+    scores, raw = score_texts(reward, records, texts, rollout, cfg.missing_eos_penalty)
+    return Batch(rollout, records, texts, scores, raw, {"time_generate": t1 - t0, "time_score": time.perf_counter() - t1})
+
+
+def response_stats(rollout: Rollout) -> dict:
+    lengths = rollout.lengths.float()
+    return {"response_length": lengths.mean().item(), "eos_rate": rollout.eos.float().mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------
+# held-out: policy against reference
+
+
+@torch.no_grad()
+def compare_with_reference(policy, reference: Reference, tokenizer, reward, held: Prompts, cfg, seed: int,
+                           batch_size: int = 16) -> dict:
+    """Sample one response per held-out prompt from the policy and from the reference (same seed),
+    score both, and report the mean scores, their paired difference with its standard error, and
+    the policy's KL to the reference (sum over tokens of k1 on the policy's samples)."""
+    temperature = cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature
+    out = {"policy": [], "reference": [], "kl": [], "length": [], "samples": []}
+    kwargs = sampling_kwargs(cfg, tokenizer, temperature)
+    for start in range(0, len(held.ids), batch_size):
+        ids, records = held.ids[start: start + batch_size], held.records[start: start + batch_size]
+        g = torch.Generator().manual_seed(seed + start)
+        pol = sample(policy, ids, **kwargs, generator=g)
+        g = torch.Generator().manual_seed(seed + start)
+        ref = reference.sample(policy, ids, **kwargs, generator=g)
+        pol_text, ref_text = decode(tokenizer, pol), decode(tokenizer, ref)
+        out["policy"] += score_texts(reward, records, pol_text, pol, cfg.missing_eos_penalty)[0].tolist()
+        out["reference"] += score_texts(reward, records, ref_text, ref, cfg.missing_eos_penalty)[0].tolist()
+        logp = response_logprobs(policy, pol, temperature)
+        ref_logp = reference.logprobs(policy, pol, temperature)
+        out["kl"] += (kl_penalty(logp, ref_logp, "k1") * pol.response_mask).sum(-1).tolist()
+        out["length"] += pol.lengths.tolist()
+        out["samples"] += [{"prompt": r.prompt[-1]["content"], "policy": p, "reference": q}
+                           for r, p, q in zip(records, pol_text, ref_text)]
+    n = len(out["policy"])
+    diff = [a - b for a, b in zip(out["policy"], out["reference"])]
+    mean_d = sum(diff) / n
+    se = math.sqrt(sum((d - mean_d) ** 2 for d in diff) / max(n - 1, 1) / n)
+    return {"prompts": n, "policy_score": sum(out["policy"]) / n, "reference_score": sum(out["reference"]) / n,
+            "difference": mean_d, "difference_se": se, "difference_in_se": mean_d / se if se > 0 else float("inf"),
+            "kl": sum(out["kl"]) / n, "response_length": sum(out["length"]) / n, "temperature": temperature,
+            "samples": out["samples"][:20]}
+
+
+# ---------------------------------------------------------------------------------------------
+# curves
+
+
+def plot_curves(metrics_path, png_path, keys: list[str], title: str = "") -> bool:
+    """One small panel per metric over steps, from metrics.jsonl. False when matplotlib is missing."""
+    import json
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    keys = [k for k in keys if any(k in r for r in rows)]
+    cols = 3
+    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4 * cols, 2.6 * math.ceil(len(keys) / cols)),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], ".-", ms=3)
+        ax.set_title(key, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces of an RL step that PPO and the critic-free stages share
+
+
+@dataclass
+class RLSetup:
+    """What an RL stage has before its loop: the accelerator and run, the policy and its reference, the
+    reward, the prompts and their schedule, and the KL controller."""
+
+    accelerator: object
+    run: object
+    log: object
+    policy: object
+    tokenizer: object
+    reference: Reference
+    reward: object
+    prompts: Prompts
+    held: Prompts
+    plan: object
+    steps: int
+    kl_ctl: object
+    minibatch: int
+
+
+def start_rl(cfg, stage: str, k: int = 1, inputs: dict | None = None) -> RLSetup:
+    """Check the batch arithmetic, open the run, load the policy, reference, reward and prompts, and
+    plan which prompts each step samples (seeded, the same on resume)."""
+    from rlhfkit.losses.kl import kl_controller
+    from rlhfkit.rollout.rewards import parse_reward
+    from rlhfkit.train.common import BatchPlan, start_stage, total_steps, world_size
+
+    if not cfg.reward:
+        raise SystemExit("error: --reward is required (a reward-model folder, rule:FILE.yaml or an http(s) URL)")
+    world = world_size()
+    minibatch, accum = rl_batch_plan(cfg, world, k)
+    accelerator, run, log = start_stage(cfg, stage, {"train": cfg.train, "eval": cfg.eval, "model": cfg.model,
+                                                     **(inputs or {})}, accum=accum)
+    policy, tokenizer = load_policy(cfg)
+    reference = Reference(policy, cfg.mixed_precision, cfg.reference)
+    reward = parse_reward(cfg.reward, cfg.reward_batch_size, cfg.max_length, accelerator.device)
+    prompts, held = load_prompts(cfg, tokenizer, log)
+    plan = BatchPlan(len(prompts.ids), cfg.batch_size, cfg.batch_size // world, world, accelerator.process_index,
+                     cfg.seed)
+    kl_ctl = kl_controller(cfg.beta, cfg.kl_target, cfg.kl_horizon)
+    accelerator.register_for_checkpointing(kl_ctl)
+    ref = cfg.reference or ("the adapter switched off" if reference.copy is None else "a frozen copy")
+    log(f"{stage}: policy {cfg.model} (reference: {ref}), reward {reward.name}; {len(prompts.ids)} train / "
+        f"{len(held.ids)} held-out prompts")
+    return RLSetup(accelerator, run, log, policy, tokenizer, reference, reward, prompts, held, plan,
+                   total_steps(cfg, plan), kl_ctl, minibatch)
+
+
+def prepare_rl(s: RLSetup, cfg, model):
+    """Optimiser over every update of the run, ``accelerator.prepare``, resume; the reference on the
+    device. Returns (model, optimizer, scheduler, start step, the unwrapped model)."""
+    from rlhfkit.train.common import prepare_optimisation
+
+    updates = s.steps * cfg.ppo_epochs * cfg.num_minibatches
+    model, optimizer, scheduler, start = prepare_optimisation(s.accelerator, s.run, cfg, model, updates, s.log)
+    s.reference.to(s.accelerator.device)
+    return model, optimizer, scheduler, start, s.accelerator.unwrap_model(model)
+
+
+def step_generator(cfg, step: int, rank: int) -> torch.Generator:
+    """The sampling and shuffling RNG of one step on one process: a function of (seed, step, rank)
+    alone, so a resumed run samples exactly what the uninterrupted one did."""
+    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
+
+
+def end_step(s: RLSetup, cfg, bar, step: int, metrics: dict) -> None:
+    """Log the step, show it on the bar, checkpoint when due."""
+    from rlhfkit.train.common import should_save
+
+    s.run.log(step + 1, **metrics)
+    if s.accelerator.is_main_process and cfg.progress:
+        bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.2f}", len=f"{metrics['response_length']:.0f}")
+    if should_save(cfg, step + 1, s.steps):
+        s.run.save_checkpoint(s.accelerator, step + 1)
+
+
+def micro_slices(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def widen(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad a (B, w) tensor with zeros to (B, width)."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+def rl_batch_plan(cfg, world: int, k: int = 1) -> tuple[int, int]:
+    """(sequences per minibatch on one process, micro-batches per optimiser step), checked once:
+    batch_size prompts x k samples, split over processes, then into num_minibatches, then micro-batches."""
+    rows = cfg.batch_size * k
+    if cfg.batch_size % world or (rows // world) % cfg.num_minibatches:
+        raise SystemExit(f"error: batch_size {cfg.batch_size} x {k} sample(s) must split into {world} process(es) x "
+                         f"{cfg.num_minibatches} minibatch(es)")
+    minibatch = rows // world // cfg.num_minibatches
+    if minibatch % cfg.micro_batch_size:
+        raise SystemExit(f"error: a minibatch of {minibatch} sequences per process is not a multiple of "
+                         f"micro_batch_size {cfg.micro_batch_size}")
+    return minibatch, minibatch // cfg.micro_batch_size
+
+
+@torch.no_grad()
+def logprob_phase(policy, reference: Reference, rollout: Rollout, temperature: float, micro: int, critic=None):
+    """# 2. teacher-forced logprobs of pi_old and pi_ref at the sampling temperature (and the critic's
+    values), micro-batch by micro-batch: each (B, R), 0 on padding."""
+    from rlhfkit.rollout.sampler import response_values
+
+    width = rollout.response_ids.shape[1]
+    old, ref, values = [], [], []
+    for mb in micro_slices(rollout.response_ids.shape[0], micro):
+        sub = rollout.select(mb)
+        old.append(widen(response_logprobs(policy, sub, temperature), width))
+        ref.append(widen(reference.logprobs(policy, sub, temperature), width))
+        if critic is not None:
+            values.append(widen(response_values(critic, sub), width))
+    return torch.cat(old), torch.cat(ref), (torch.cat(values) if critic is not None else None)
+
+
+def minibatches(n: int, epochs: int, num_minibatches: int, micro: int, generator):
+    """# 6. for each epoch a fresh shuffle of the n sequences, cut into minibatches (one optimiser step
+    each), each cut into micro-batches (index tensors)."""
+    size = n // num_minibatches
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for m in range(num_minibatches):
+            rows = order[m * size: (m + 1) * size]
+            yield [rows[s] for s in micro_slices(len(rows), micro)]
+
+
+def loss_total(accelerator, mask: torch.Tensor, micro: list, mode: str) -> torch.Tensor:
+    """The aggregation denominator of one minibatch over every micro-batch and process."""
+    from rlhfkit.losses.ppo import aggregate_total
+
+    return accelerator.reduce(torch.tensor(aggregate_total([mask[i] for i in micro], mode, mask.shape[1])), "sum")
+
+
+def rollout_metrics(accelerator, batch: Batch, old_logp, ref_logp, mask, beta: float) -> dict:
+    """score, KL per sequence (k1 summed over tokens), the non-score reward -beta*KL, response length,
+    EOS rate, and how far the sampler's logprobs are from the trainer's (0 up to numerics)."""
+    seq_kl = (kl_penalty(old_logp, ref_logp, "k1") * mask).sum(-1)
+    mean = lambda x: accelerator.reduce(x.float().mean(), "mean").item()  # noqa: E731
+    return {"score": mean(batch.raw_scores), "score_with_penalty": mean(batch.scores), "kl": mean(seq_kl),
+            "non_score_reward": mean(-beta * seq_kl), "beta": beta,
+            "logprob_mismatch": (batch.rollout.logprobs - old_logp).abs().mul(mask).max().item(),
+            **response_stats(batch.rollout)}
+
+
+def sum_stats(sums: dict, stats: dict) -> None:
+    for k, v in stats.items():
+        sums[k] = sums.get(k, 0.0) + v
+
+
+def mean_stats(accelerator, sums: dict) -> dict:
+    """Token means of summed loss statistics (``tokens`` is the count)."""
+    tot = {k: accelerator.reduce(v, "sum").item() for k, v in sums.items()}
+    n = max(tot.pop("tokens"), 1.0)
+    return {k: v / n for k, v in tot.items()}
+
+
+def finish(s: RLSetup, cfg, policy, curves: list[str]):
+    """Held-out comparison with the reference, curves, and the final policy in Hugging Face format."""
+    from rlhfkit.train.common import save_hf
+
+    accelerator, run, summary = s.accelerator, s.run, {}
+    if s.held.ids and accelerator.is_main_process:
+        with accelerator.autocast():
+            result = compare_with_reference(policy, s.reference, s.tokenizer, s.reward, s.held, cfg, seed=cfg.seed + 7)
+        (run.path / "heldout.json").write_text(json.dumps(result, indent=2))
+        summary = {f"heldout_{k}": v for k, v in result.items() if k != "samples"}
+        s.log(f"held-out ({result['prompts']} prompts, T={result['temperature']}): policy {result['policy_score']:.4f} vs "
+              f"reference {result['reference_score']:.4f}, difference {result['difference']:+.4f} ± "
+              f"{result['difference_se']:.4f} (SE; {result['difference_in_se']:.1f} SE), KL {result['kl']:.3f}")
+    if accelerator.is_main_process and plot_curves(run.path / "metrics.jsonl", run.path / "curves.png", curves,
+                                                   run.path.name):
+        s.log(f"curves: {run.path / 'curves.png'}")
+    run.save_final(lambda folder: save_hf(accelerator, policy, s.tokenizer, folder))
+    run.finish(**summary)
+    s.log(f"done: {run.path}")
+    return run
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var[R - V] / Var[R] over response tokens: 1 is a perfect critic, 0 no better than a constant."""
+    var = masked_var(returns, mask)
+    return float(1 - masked_var(returns - values, mask) / var) if var > 0 else 0.0
+
+

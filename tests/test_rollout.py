@@ -1,0 +1,183 @@
+"""The sampler and the teacher-forced logprobs that must match it (reference §8 items 4, 10, 11), and
+the reward sources."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+
+from rlhfkit.data.template import encode_prompt
+from rlhfkit.rollout.rewards import (
+    CompositeReward,
+    RemoteReward,
+    RuleReward,
+    exact_answer,
+    final_number,
+    parse_reward,
+    repetition_rate,
+)
+from rlhfkit.rollout.sampler import filter_logits, response_logprobs, sample
+
+PROMPTS = ["What is 2+2?", "Write one sentence about the sea and the wind at night.", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from rlhfkit.models import load_causal_lm
+
+    model, tok = load_causal_lm("tiny", seed=3)
+    return model, tok
+
+
+def _ids(tok, prompts=PROMPTS):
+    return [encode_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
+
+
+def test_sampler_logprobs_equal_teacher_forced_at_temperature(tiny):
+    """At T = 0.7, with left-padded prompts of different lengths, the trainer's recomputed logprobs of
+    the sampled tokens equal the sampler's within 1e-5 (fp32), and are 0 on padding. Recomputing at
+    T = 1 instead differs by far more: the test can tell the temperature apart (reference §8 item 4)."""
+    model, tok = tiny
+    ro = sample(model, _ids(tok), tok.pad_token_id, tok.eos_token_id, max_new_tokens=12, temperature=0.7,
+                generator=torch.Generator().manual_seed(0))
+    assert ro.prompt_ids.shape[0] == 3 and ro.response_ids.shape[1] <= 12
+    with torch.no_grad():
+        lp = response_logprobs(model, ro, 0.7)
+        lp1 = response_logprobs(model, ro, 1.0)
+    torch.testing.assert_close(lp, ro.logprobs, atol=1e-5, rtol=0)
+    assert (lp1 - ro.logprobs).abs().max() > 1e-2
+    assert (lp[ro.response_mask == 0] == 0).all()
+
+
+def test_left_padded_batch_equals_each_prompt_alone(tiny):
+    """Greedy continuations (and their logprobs) in a left-padded batch equal each prompt sampled alone:
+    position ids skip the padding in prefill and in every decoding step (reference §8 item 11)."""
+    model, tok = tiny
+    ids = _ids(tok)
+    batch = sample(model, ids, tok.pad_token_id, tok.eos_token_id, max_new_tokens=8, temperature=0)
+    for i, p in enumerate(ids):
+        alone = sample(model, [p], tok.pad_token_id, tok.eos_token_id, max_new_tokens=8, temperature=0)
+        n = int(alone.response_mask.sum())
+        assert batch.response_ids[i, :n].tolist() == alone.response_ids[0, :n].tolist()
+        torch.testing.assert_close(batch.logprobs[i, :n], alone.logprobs[0, :n], atol=1e-5, rtol=0)
+
+
+def test_stops_at_eos_and_pads_after(tiny):
+    """min_new_tokens = 3 forbids EOS before token 3; once a row emits EOS it is done: the EOS keeps
+    mask 1, everything after is pad with mask 0 and logprob 0."""
+    model, tok = tiny
+    eos = tok.eos_token_id
+    # make EOS overwhelmingly likely by biasing the LM head
+    head = model.lm_head.weight
+    saved = head.data[eos].clone()
+    head.data[eos] = model.model.embed_tokens.weight.data.mean(0) * 0 + 5.0
+    try:
+        ro = sample(model, _ids(tok), tok.pad_token_id, eos, max_new_tokens=10, temperature=1.0, min_new_tokens=3,
+                    generator=torch.Generator().manual_seed(1))
+    finally:
+        head.data[eos] = saved
+    for row, m, lp, done in zip(ro.response_ids, ro.response_mask, ro.logprobs, ro.eos):
+        n = int(m.sum())
+        assert n >= 4 and bool(done)
+        assert row[n - 1].item() == eos and eos not in row[: n - 1].tolist()
+        assert (row[n:] == tok.pad_token_id).all() and (m[n:] == 0).all() and (lp[n:] == 0).all()
+
+
+def test_top_k_and_top_p_filters():
+    """logits [3, 2, 1, 0] -> probs [0.644, 0.237, 0.087, 0.032]. top_k=2 keeps the first two.
+    top_p=0.7 keeps {0, 1} (0.644 < 0.7, then 0.881 covers it); top_p=0.5 keeps only the first."""
+    x = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.isfinite(filter_logits(x, top_k=2)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(x, top_p=0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(x, top_p=0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(x[:, [2, 0, 3, 1]], top_p=0.7)).tolist() == [[False, True, False, True]]
+
+
+def test_bundled_model_sampler_matches_trainer(bundled):
+    """The same on the real model: 4 prompts, 16 tokens at T = 0.7."""
+    model, tok = bundled
+    ro = sample(model, _ids(tok, PROMPTS + ["Name a colour."]), tok.pad_token_id, tok.eos_token_id, max_new_tokens=16,
+                temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lp = response_logprobs(model, ro, 0.7)
+    torch.testing.assert_close(lp, ro.logprobs, atol=2e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ rewards
+
+
+def test_rule_reward_terms():
+    """Seed 004's rule: keywords (fraction present), banned words (count), a length window.
+    'Python is great for data' (5 words): keywords python+data -> 2/2 = 1; no banned; window [3, 10] -> 0: r = 1.
+    'I hate this' : 0 keywords, 1 banned -> -1; 3 words in window: r = -1.
+    20 words of 'python': keyword 1/2, length (20 - 10)/10 = 1 -> r = 0.5 - 1 = -0.5."""
+    rule = RuleReward(keywords=["python", "data"], banned=["hate"], min_words=3, max_words=10)
+    texts = ["Python is great for data", "I hate this", " ".join(["python"] * 20)]
+    assert rule([[]] * 3, texts, [{}] * 3) == pytest.approx([1.0, -1.0, -0.5])
+
+
+def test_repetition_and_exact_answer():
+    """'a b c a b c' has 4 trigrams, 3 distinct -> repetition 0.25. GSM8K answers: '#### 1,234' -> '1234';
+    'so the answer is 18.' -> '18'; the last number otherwise."""
+    assert repetition_rate("a b c a b c") == pytest.approx(0.25)
+    assert final_number("blah 3 + 4 = 7 #### 1,234") == "1234"
+    assert final_number("3 eggs, so the answer is 18.") == "18"
+    assert exact_answer("She makes 9 * 2 = 18 dollars.", "Janet ... \nA: 18") == 1.0
+    assert exact_answer("She makes 16 dollars.", "#### 18") == 0.0
+    rule = RuleReward(answer_field="answer")
+    assert rule([[]], ["It is 18"], [{"answer": "#### 18"}]) == [1.0]
+    with pytest.raises(ValueError, match="no field 'answer'"):
+        rule([[]], ["18"], [{"question": "x"}])
+
+
+class _Scorer(BaseHTTPRequestHandler):
+    calls = 0
+
+    def do_POST(self):  # noqa: N802
+        type(self).calls += 1
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if type(self).calls == 1:  # the first request fails: the client must retry
+            self.send_response(503)
+            self.end_headers()
+            return
+        out = json.dumps({"rewards": [float(len(r)) for r in body["responses"]]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_remote_reward_retries_and_composite(tmp_path):
+    """A local HTTP scorer (reward = response length) that fails once with 503: the client retries and
+    gets [2, 5]. A composite 0.5*remote + 2*rule sums them."""
+    server = HTTPServer(("127.0.0.1", 0), _Scorer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/score"
+    try:
+        remote = RemoteReward(url, timeout=5, retries=2, backoff=0.01)
+        assert remote([[], []], ["ab", "hello"], [{}, {}]) == [2.0, 5.0]
+        rule = tmp_path / "r.yaml"
+        rule.write_text("keywords: [hello]\n")
+        comp = parse_reward(f"0.5*{url} + 2*rule:{rule}")
+        assert isinstance(comp, CompositeReward) and len(comp.parts) == 2
+        assert comp([[], []], ["ab", "hello"], [{}, {}]) == pytest.approx([1.0, 4.5])
+    finally:
+        server.shutdown()
+    with pytest.raises(RuntimeError, match="127.0.0.1"):
+        RemoteReward(url, timeout=0.5, retries=1, backoff=0.01)([[]], ["x"], [{}])
+
+
+def test_reward_spec_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("keywordz: [x]\n")
+    with pytest.raises(SystemExit, match="bad.yaml: unknown rule field"):
+        parse_reward(f"rule:{bad}")
+    with pytest.raises(SystemExit, match="not found"):
+        parse_reward(str(tmp_path / "no-such-rm"))

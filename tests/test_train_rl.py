@@ -1,0 +1,178 @@
+"""The RL stages end to end on the tiny model: PPO, the critic-free estimators, best-of-n, the ratio-1
+check, the KL sign, and resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+
+PROMPTS = ["How do I read a CSV file?", "What is a good first language?", "How can I sort numbers?",
+           "Explain a neural network.", "How do I count words?", "What is regression?", "How do I make a request?",
+           "What is overfitting?", "How do I reverse a string?", "What is a dictionary?", "How do I plot?",
+           "What is gradient descent?"]
+
+
+@pytest.fixture()
+def prompts(tmp_path):
+    return str(write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS]))
+
+
+def rule(tmp_path, text="keywords: [the]\nmax_words: 5\n"):
+    path = tmp_path / "rule.yaml"
+    path.write_text(text)
+    return f"rule:{path}"
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+
+
+def ppo_cfg(tmp_path, prompts, **kw):
+    from rlhfkit.train.ppo import PPOConfig
+
+    base = dict(model="tiny", train=prompts, eval_size=4, eval_prompts=4, reward=rule(tmp_path), batch_size=4,
+                micro_batch_size=2, max_new_tokens=6, max_steps=2, lora_r=4, output_dir=str(tmp_path / "runs"),
+                progress=False, temperature=0.7)
+    return PPOConfig(**{**base, **kw})
+
+
+def test_ppo_first_minibatch_has_ratio_one(tmp_path, prompts):
+    """With one PPO epoch and one minibatch the update starts at pi = pi_old: ratio exactly 1, approx-KL 0,
+    no clipping (reference §3 'Checks'); the sampler's logprobs equal the trainer's within 1e-5 (fp32).
+    The run directory has the curves, the held-out comparison and the final model."""
+    from rlhfkit.train.ppo import train
+
+    run = train(ppo_cfg(tmp_path, prompts, ppo_epochs=1, name="ratio"))
+    first = metrics(run)[0]
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert first["approx_kl"] == pytest.approx(0.0, abs=1e-10) and first["policy_clipfrac"] == 0.0
+    assert first["logprob_mismatch"] < 1e-5
+    for key in ("score", "non_score_reward", "kl", "entropy", "value_clipfrac", "value_loss", "explained_variance",
+                "response_length", "eos_rate", "beta", "time_generate", "time_train"):
+        assert key in first, key
+    assert (run.path / "curves.png").stat().st_size > 1000
+    assert first["explained_variance"] == 0.0  # the value head starts at zero: V = 0 explains nothing
+    held = json.loads((run.path / "heldout.json").read_text())
+    assert held["prompts"] == 4 and "difference_se" in held
+    assert (run.path / "final" / "config.json").is_file()
+
+
+def _perturbed_pair(tmp_path):
+    """A tiny policy and a reference that differs from it by weight noise, saved as folders."""
+    from rlhfkit.models import load_causal_lm
+
+    model, tok = load_causal_lm("tiny", seed=0)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(6.0)  # sharper next-token distributions than a random init's near-uniform ones
+    model.save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * p.std() * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "reference")
+    tok.save_pretrained(tmp_path / "reference")
+    return str(tmp_path / "policy"), str(tmp_path / "reference")
+
+
+@pytest.mark.parametrize("stage", ["ppo", "pg"])
+def test_zero_reward_and_positive_beta_lowers_kl(tmp_path, prompts, stage):
+    """Sign test (reference §8 item 5): the policy starts away from its reference (weight noise), the task
+    reward is 0 (a rule with no terms). With beta = +1 training lowers the per-sequence KL: the mean of
+    the last three steps is below the first three. With beta = -1 (the sign bug of verl #179) the same
+    run drives the KL up, to more than twice where beta = +1 ends."""
+    policy, reference = _perturbed_pair(tmp_path)
+    kls = {}
+    for beta in (1.0, -1.0):
+        common = dict(model=policy, reference=reference, train=prompts, eval_size=0, eval_prompts=0,
+                      reward=rule(tmp_path, "{}\n"), beta=beta, max_new_tokens=8, max_steps=12, lr=3e-4, warmup_ratio=0.0,
+                      min_lr_ratio=1.0, output_dir=str(tmp_path / "runs"), progress=False, temperature=1.0,
+                      name=f"{stage}{beta}", save_every=100, batch_size=12)
+        if stage == "ppo":
+            from rlhfkit.train.ppo import PPOConfig, train
+
+            run = train(PPOConfig(**common, micro_batch_size=12, ppo_epochs=1))
+        else:
+            from rlhfkit.train.policy_gradient import PGConfig, train
+
+            run = train(PGConfig(**common, samples_per_prompt=4, micro_batch_size=48, estimator="reinforce"))
+        kls[beta] = [m["kl"] for m in metrics(run)]
+    up, down = kls[-1.0], kls[1.0]
+    assert down[0] > 1.0
+    assert sum(down[-3:]) < sum(down[:3]), down
+    assert sum(up[-3:]) > 2 * sum(down[-3:]), (up, down)
+
+
+@pytest.mark.parametrize("estimator,kl_in", [("rloo", "reward"), ("grpo", "loss"), ("dr_grpo", "loss")])
+def test_pg_estimators_run(tmp_path, prompts, estimator, kl_in):
+    """Each estimator runs k = 4 samples per prompt with the KL where its paper puts it."""
+    from rlhfkit.train.policy_gradient import PGConfig, train
+
+    run = train(PGConfig(model="tiny", train=prompts, eval_size=2, eval_prompts=2, reward=rule(tmp_path), batch_size=2,
+                         samples_per_prompt=4, micro_batch_size=4, max_new_tokens=6, max_steps=2, lora_r=4,
+                         estimator=estimator, kl_in=kl_in, kl_estimator="k3", output_dir=str(tmp_path / "runs"),
+                         progress=False, name=estimator))
+    rows = metrics(run)
+    assert len(rows) == 2 and rows[0]["ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert ("kl_loss" in rows[0]) == (kl_in == "loss")
+
+
+def test_best_of_n_writes_sft_and_preference_data(tmp_path, prompts):
+    """n = 4: best.jsonl has one demonstration per prompt, its score the max of the prompt's four in
+    samples.jsonl; pairs.jsonl pairs best with worst; KL_bon = log 4 - 3/4 in the manifest."""
+    from rlhfkit.data import load_records
+    from rlhfkit.train.best_of_n import BoNConfig, run_bon
+
+    run = run_bon(BoNConfig(model="tiny", train=prompts, reward=rule(tmp_path, "max_words: 3\n"), n=4,
+                            max_new_tokens=6, output_dir=str(tmp_path / "runs"), progress=False, name="bon"))
+    samples = [json.loads(x) for x in (run.path / "samples.jsonl").read_text().splitlines()]
+    best = [json.loads(x) for x in (run.path / "best.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 * len(PROMPTS) and len(best) == len(PROMPTS)
+    for i, b in enumerate(best):
+        assert b["score"] == max(s["score"] for s in samples[4 * i: 4 * i + 4])
+    assert len(load_records(str(run.path / "best.jsonl"), kind="demonstration").records) == len(PROMPTS)
+    if (run.path / "pairs.jsonl").read_text().strip():
+        load_records(str(run.path / "pairs.jsonl"), kind="preference")
+    summary = json.loads((run.path / "manifest.json").read_text())["summary"]
+    assert summary["kl_bon"] == pytest.approx(0.636294, abs=1e-6)
+    assert summary["mean_score_best"] >= summary["mean_score_n1"]
+
+
+def test_ppo_resume_equals_uninterrupted(tmp_path, prompts):
+    """Run 4 steps with a checkpoint at step 2. Then remove everything after step 2 (as if killed) and
+    --resume: steps 3 and 4 log the same scores and KL, and the adaptive beta comes back from the
+    checkpoint."""
+    from rlhfkit.train.ppo import train
+
+    cfg = ppo_cfg(tmp_path, prompts, max_steps=4, save_every=2, name="resume", kl_target=0.01, eval_prompts=0,
+                  eval_size=0, keep_checkpoints=3)
+    run = train(cfg)
+    full = metrics(run)
+    shutil.rmtree(run.path / "checkpoints" / "step-00000004")
+    (run.path / "checkpoints" / "latest").write_text("step-00000002")
+    shutil.rmtree(run.path / "final")
+    cfg.resume = True
+    resumed = metrics(train(cfg))
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full[2:], resumed[2:]):
+        for key in ("score", "kl", "beta", "response_length", "policy_loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert full[2]["beta"] != full[0]["beta"]
+
+
+def test_ppo_ptx_and_a2c_preset(tmp_path, prompts):
+    """PPO-ptx mixes the SFT loss of demonstrations in (logged as ptx_loss, about ln(vocab) on a random
+    tiny model); the a2c preset sets one epoch, one minibatch, no policy or value clipping."""
+    from rlhfkit.train.ppo import PRESETS, train
+
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": p, "response": "Use Python."} for p in PROMPTS])
+    run = train(ppo_cfg(tmp_path, prompts, name="ptx", ptx_data=str(demos), ptx_coef=0.5, **PRESETS["a2c"]))
+    rows = metrics(run)
+    assert 9.0 < rows[0]["ptx_loss"] < 12.0
+    assert rows[0]["policy_clipfrac"] == 0.0 and rows[0]["value_clipfrac"] == 0.0
+    assert PRESETS["a2c"] == {"ppo_epochs": 1, "num_minibatches": 1, "clip": float("inf"), "value_clip": 0.0}
