@@ -1,6 +1,16 @@
-"""The judge's verdict parsing and MT-Bench's swap-consistency rule."""
+"""The judge's verdict parsing and MT-Bench's swap-consistency rule, and the judge stage."""
 
-from rlhfkit.feedback.verdicts import combine_swapped, consistent, parse_pairwise, parse_rating, summarise_pairwise
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+from rlhfkit.feedback.verdicts import (
+    combine_swapped,
+    consistent,
+    parse_pairwise,
+    parse_rating,
+    summarise_pairwise,
+)
 
 
 def test_parse_pairwise_never_raises():
@@ -27,3 +37,71 @@ def test_swap_consistency():
     out = summarise_pairwise(["A", "B", "A", None], ["B", "A", "A", "B"])
     assert (out["x_wins"], out["y_wins"], out["ties"]) == (1, 1, 2)
     assert out["consistency"] == 0.5 and out["unparsable"] == 1
+
+
+class _Judge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible judge with a position bias on one question: it prefers the answer that
+    mentions 'thank' in both orders, except for question 'Q2' where it always says [[A]], and answers
+    garbage for 'Q3'."""
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        user = body["messages"][-1]["content"]
+        assert body["temperature"] == 0
+        a = user.split("[The Start of Assistant A's Answer]\n")[1].split("\n[The End")[0]
+        if "Q3" in user:
+            text = "I cannot decide."
+        elif "Q2" in user:
+            text = "Verdict: [[A]]"
+        else:
+            text = "[[A]]" if "thank" in a.lower() else "[[B]]"
+        out = json.dumps({"choices": [{"message": {"content": text}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_judge_stage_with_an_http_judge(tmp_path):
+    """Four pairs: Q0 and Q1 consistent wins for 'chosen'; Q2 position bias (A both times): tie,
+    inconsistent; Q3 unparsable twice: tie. accuracy 2/4, consistency 2/4, 2 unparsable answers."""
+    from rlhfkit.feedback.judge import JudgeConfig, run_judge
+
+    rows = [{"prompt": f"Q{i}", "chosen": "Thank you, here it is.", "rejected": "No."} for i in range(4)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    server = HTTPServer(("127.0.0.1", 0), _Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        summary = run_judge(JudgeConfig(data=str(data), judge_url=f"http://127.0.0.1:{server.server_port}/v1",
+                                        judge_model="fake", output_dir=str(tmp_path / "runs"), name="j"))
+    finally:
+        server.shutdown()
+    assert summary["n"] == 4 and summary["accuracy"] == 0.5 and summary["ties"] == 2
+    assert summary["consistency"] == 0.5 and summary["unparsable"] == 2
+    lines = (tmp_path / "runs" / "j" / "judgements.jsonl").read_text().splitlines()
+    assert [json.loads(x)["result"] for x in lines] == ["chosen", "chosen", "tie", "tie"]
+
+
+def test_label_then_rm_train_end_to_end(tmp_path):
+    """rlhfkit label samples k = 3 responses per prompt from the tiny model, labels (best, worst) by a
+    rule, and rlhfkit rm train reads the preference file as it is."""
+    from rlhfkit.feedback.label import LabelConfig, reward_pairs, run_label
+    from rlhfkit.train.reward import RMConfig, train
+
+    assert reward_pairs([0.1, 0.9, 0.5], "best_worst") == [(1, 0, 0.8)]
+    assert reward_pairs([0.5, 0.5], "best_worst") == []
+    assert reward_pairs([0.0, 1.0, 0.0], "all") == [(1, 0, 1.0), (1, 2, 1.0)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(12)))
+    rule = tmp_path / "rule.yaml"
+    rule.write_text("max_words: 3\nw_repetition: 1.0\n")
+    stats = run_label(LabelConfig(model="tiny", train=str(prompts), reward=f"rule:{rule}", k=3, max_new_tokens=8,
+                                  output_dir=str(tmp_path / "runs"), name="label", progress=False))
+    assert stats["pairs"] + stats["ties"] == 12 and stats["pairs"] > 0
+    run = train(RMConfig(model="tiny", train=str(tmp_path / "runs" / "label" / "preferences.jsonl"), batch_size=4,
+                         micro_batch_size=4, max_steps=2, output_dir=str(tmp_path / "runs"), name="rm", progress=False))
+    assert (run.path / "final" / "model.safetensors").is_file()

@@ -49,7 +49,7 @@ def test_ppo_first_minibatch_has_ratio_one(tmp_path, prompts):
 
     run = train(ppo_cfg(tmp_path, prompts, ppo_epochs=1, name="ratio"))
     first = metrics(run)[0]
-    assert first["ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-6) and first["ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-6)
     assert first["approx_kl"] == pytest.approx(0.0, abs=1e-10) and first["policy_clipfrac"] == 0.0
     assert first["logprob_mismatch"] < 1e-5
     for key in ("score", "non_score_reward", "kl", "entropy", "value_clipfrac", "value_loss", "explained_variance",

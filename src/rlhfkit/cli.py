@@ -18,8 +18,8 @@ STAGES: dict[str, tuple[str | None, str]] = {
     "pg": ("rlhfkit.train.policy_gradient", "critic-free policy gradient: reinforce, rloo, grpo, dr_grpo"),
     "bon": ("rlhfkit.train.best_of_n", "best-of-n sampling against a reward"),
     "dpo": ("rlhfkit.train.dpo", "direct preference optimisation and its variants"),
-    "judge": (None, "LLM-as-judge: pairwise (order-swapped) or single-answer grading"),
-    "label": (None, "AI feedback: sample responses and label them with a judge, RM or rule"),
+    "judge": ("rlhfkit.feedback.judge", "LLM-as-judge: pairwise (order-swapped) or single-answer grading"),
+    "label": ("rlhfkit.feedback.label", "AI feedback: sample responses and label them with a judge, RM or rule"),
     "eval policy": (None, "evaluate a policy on held-out prompts"),
     "pipeline": (None, "the whole loop from one config"),
 }

@@ -172,6 +172,8 @@ def train(cfg: PGConfig):
                         loss, stats = pg_loss(logits, sub.response_ids, old_logp[i, :w], ref_logp[i, :w], advantages[i],
                                               mask[i, :w], cfg, beta, total)
                         backward(accelerator, loss)
+                    if not sums:  # pi = pi_old exactly here: the ratio must be 1 (reference §3 'Checks')
+                        first_ratio = (stats["ratio"] / stats["tokens"].clamp(min=1)).item()
                     sum_stats(sums, stats)
                 grad_norm, lr = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step + 1)
 
@@ -179,7 +181,8 @@ def train(cfg: PGConfig):
             metrics = rollout_metrics(accelerator, batch, old_logp, ref_logp, mask, beta)
             s.kl_ctl.update(metrics["kl"], cfg.batch_size * k)
             groups = seq_reward.view(-1, k)
-            metrics.update(mean_stats(accelerator, sums), advantage_std=advantages.std().item() if len(advantages) > 1 else 0.0,
+            metrics.update(mean_stats(accelerator, sums), ratio_first_minibatch=first_ratio,
+                           advantage_std=advantages.std().item() if len(advantages) > 1 else 0.0,
                            zero_advantage_groups=(groups.max(1).values == groups.min(1).values).float().mean().item(),
                            lr=lr, grad_norm=grad_norm, **batch.seconds, time_logprobs=t_logprobs,
                            time_train=time.perf_counter() - t0)

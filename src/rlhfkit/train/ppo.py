@@ -224,13 +224,16 @@ def train(cfg: PPOConfig):
                             loss = loss + cfg.ptx_coef * ptx_loss
                             ptx_losses.append(ptx_loss.item() * world)
                         backward(accelerator, loss)
+                    if not sums:  # pi = pi_old exactly here: the ratio must be 1 (reference §3 'Checks')
+                        first_ratio = (stats["ratio"] / stats["tokens"].clamp(min=1)).item()
                     sum_stats(sums, stats)
                 grad_norm, lr = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step + 1)
 
             # 7. KL controller (on the mean summed k1 of the batch) and logging
             metrics = rollout_metrics(accelerator, batch, old_logp, ref_logp, mask, s.kl_ctl.beta)
             s.kl_ctl.update(metrics["kl"], cfg.batch_size)
-            metrics.update(mean_stats(accelerator, sums), explained_variance=explained_variance(old_values, returns, mask),
+            metrics.update(mean_stats(accelerator, sums), ratio_first_minibatch=first_ratio,
+                           explained_variance=explained_variance(old_values, returns, mask),
                            lr=lr, grad_norm=grad_norm, **batch.seconds, time_logprobs=t_logprobs,
                            time_train=time.perf_counter() - t0)
             if ptx_losses:

@@ -1,0 +1,140 @@
+"""AI feedback (``rlhfkit label``): sample k responses per prompt from a policy and label them with a
+judge, a reward model or a rule, writing a preference dataset in the format human labels use
+(Bai et al. 2022, *Constitutional AI*; Lee et al. 2023, *RLAIF*, arXiv 2309.00267).
+
+* ``--labeler reward``: every response is scored by ``--reward`` (a reward model, ``rule:FILE.yaml``,
+  an HTTP scorer or a weighted sum); pairs are (best, worst) of each prompt, or every pair with
+  different scores (``--pairs all``), each with its score margin.
+* ``--labeler judge``: each pair is judged in both orders by a local model or an OpenAI-compatible
+  endpoint; only position-consistent wins become pairs, ties are counted and dropped.
+
+The run directory holds ``preferences.jsonl`` (prompt / chosen / rejected [/ margin]), which
+``rlhfkit rm train`` and ``rlhfkit dpo`` read as they are, ``samples.jsonl`` and the label
+statistics in the manifest: pairs written, ties, and the judge's position-consistency rate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from rlhfkit.config import DataArgs, ModelArgs, RunArgs
+from rlhfkit.train.rl import Prompts, SamplingArgs, rollout_phase
+
+
+@dataclass
+class LabelConfig(RunArgs, DataArgs, ModelArgs, SamplingArgs):
+    """Sample k responses per prompt and label preference pairs with a judge, a reward model or a rule."""
+
+    k: int = 2
+    """Responses sampled per prompt."""
+    labeler: Literal["reward", "judge"] = "reward"
+    """Who labels: --reward (RM, rule, HTTP) or an LLM judge (--judge-model / --judge-url)."""
+    pairs: Literal["best_worst", "all"] = "best_worst"
+    """With a reward: the best and worst response of each prompt, or every pair of different scores."""
+    judge_model: str = "smollm2-135m-instruct"
+    """Local judge model for --labeler judge."""
+    judge_url: str = ""
+    """OpenAI-compatible judge endpoint instead of a local model."""
+    judge_max_new_tokens: int = 256
+    """Longest judge answer."""
+    batch_size: int = 8
+    """Prompts per sampling batch."""
+
+
+def reward_pairs(scores: list[float], mode: str) -> list[tuple[int, int, float]]:
+    """(chosen, rejected, margin) index pairs of one prompt's responses from their scores. Equal scores
+    make no pair (a tie says nothing about preference).
+
+    >>> reward_pairs([0.1, 0.9, 0.5], "best_worst")
+    [(1, 0, 0.8)]
+    """
+    if mode == "best_worst":
+        hi = max(range(len(scores)), key=scores.__getitem__)
+        lo = min(range(len(scores)), key=scores.__getitem__)
+        return [(hi, lo, round(scores[hi] - scores[lo], 6))] if scores[hi] > scores[lo] else []
+    out = []
+    for i, j in itertools.combinations(range(len(scores)), 2):
+        if scores[i] != scores[j]:
+            a, b = (i, j) if scores[i] > scores[j] else (j, i)
+            out.append((a, b, round(scores[a] - scores[b], 6)))
+    return out
+
+
+def run_label(cfg: LabelConfig) -> dict:
+    from rlhfkit.data import load_records
+    from rlhfkit.data.template import encode_prompt
+    from rlhfkit.feedback.judge import judge_pairs, make_judge
+    from rlhfkit.models import load_causal_lm
+    from rlhfkit.rollout.rewards import parse_reward
+    from rlhfkit.run import Run
+    from rlhfkit.train.common import progress
+
+    if cfg.labeler == "reward" and not cfg.reward:
+        raise SystemExit("error: --labeler reward needs --reward (a reward model, rule:FILE.yaml or a URL)")
+    if cfg.k < 2:
+        raise SystemExit("error: --k must be at least 2 to make pairs")
+    run = Run.open(cfg, "label", inputs={"train": cfg.train, "model": cfg.model})
+    policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
+    records = load_records(cfg.train, kind="prompt", fields=cfg.fields, on_bad_record=cfg.on_bad_record).records
+    records = records[: cfg.limit] if cfg.limit else records
+    budget = cfg.max_length - cfg.max_new_tokens
+    prompts = Prompts(records, [encode_prompt(tokenizer, r.prompt)[-budget:] for r in records])
+    if cfg.labeler == "reward":
+        reward = parse_reward(cfg.reward, cfg.reward_batch_size, cfg.max_length)
+        judge = None
+    else:
+        def reward(prompts_, responses, meta):  # sampling only: the judge labels afterwards
+            return [0.0] * len(responses)
+        judge = make_judge(cfg.judge_model, cfg.judge_url, "", cfg.judge_max_new_tokens, cfg.batch_size)
+
+    stats = {"prompts": len(records), "k": cfg.k, "pairs": 0, "ties": 0, "judged": 0, "consistent": 0, "unparsable": 0}
+    with open(run.path / "preferences.jsonl", "w") as prefs, open(run.path / "samples.jsonl", "w") as samples:
+        for start in progress(range(0, len(records), cfg.batch_size), cfg.progress, "label"):
+            idx = list(range(start, min(start + cfg.batch_size, len(records))))
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
+            batch = rollout_phase(policy, tokenizer, reward, prompts, idx, cfg.k, cfg, g)
+            for j, i in enumerate(idx):
+                texts = batch.texts[j * cfg.k: (j + 1) * cfg.k]
+                scores = batch.scores[j * cfg.k: (j + 1) * cfg.k].tolist()
+                for s, (t, sc) in enumerate(zip(texts, scores)):
+                    samples.write(json.dumps({"prompt": records[i].prompt, "response": t, "sample": s,
+                                              **({"score": sc} if judge is None else {})}) + "\n")
+                if judge is None:
+                    found = reward_pairs(scores, cfg.pairs)
+                    stats["ties"] += (len(texts) * (len(texts) - 1) // 2 if cfg.pairs == "all" else 1) - len(found)
+                    rows = [{"prompt": records[i].prompt, "chosen": texts[a], "rejected": texts[b], "margin": m}
+                            for a, b, m in found]
+                else:
+                    combos = list(itertools.combinations(range(len(texts)), 2))
+                    out = judge_pairs(judge, [records[i].prompt] * len(combos), [texts[a] for a, _ in combos],
+                                      [texts[b] for _, b in combos])
+                    stats["judged"] += out["n"]
+                    stats["consistent"] += round(out["consistency"] * out["n"])
+                    stats["unparsable"] += out["unparsable"]
+                    stats["ties"] += out["ties"]
+                    rows = [{"prompt": records[i].prompt, "chosen": texts[a] if res == "x" else texts[b],
+                             "rejected": texts[b] if res == "x" else texts[a]}
+                            for (a, b), res in zip(combos, out["results"]) if res != "tie"]
+                for row in rows:
+                    prefs.write(json.dumps(row) + "\n")
+                stats["pairs"] += len(rows)
+    if judge is not None:
+        stats["position_consistency"] = stats["consistent"] / max(stats["judged"], 1)
+    run.finish(**stats)
+    print(json.dumps(stats, indent=2) + f"\npreference data: {run.path / 'preferences.jsonl'}")
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rlhfkit.config import parse
+
+    cfg = parse(LabelConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit label", description=LabelConfig.__doc__)
+    if not cfg.train:
+        raise SystemExit("error: --train PROMPTS is required")
+    run_label(cfg)
