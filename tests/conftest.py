@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -47,3 +48,30 @@ def demos(tmp_path) -> Path:
     rows = [{"prompt": f"Count to {i % 7 + 1}.", "response": " ".join(str(k) for k in range(1, i % 7 + 2))}
             for i in range(40)]
     return write_jsonl(tmp_path / "demos.jsonl", rows)
+
+
+@contextlib.contextmanager
+def json_server(respond):
+    """A local HTTP server for the duration of the block; each POST's JSON body goes to
+    ``respond(body) -> (status, answer dict or None)``. Yields its base URL."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            status, answer = respond(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            if answer is not None:
+                self.wfile.write(json.dumps(answer).encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()

@@ -1,9 +1,8 @@
 """The judge's verdict parsing and MT-Bench's swap-consistency rule, and the judge stage."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
+from conftest import json_server
 from rlhfkit.feedback.verdicts import (
     combine_swapped,
     consistent,
@@ -39,30 +38,19 @@ def test_swap_consistency():
     assert out["consistency"] == 0.5 and out["unparsable"] == 1
 
 
-class _Judge(BaseHTTPRequestHandler):
-    """An OpenAI-compatible judge with a position bias on one question: it prefers the answer that
-    mentions 'thank' in both orders, except for question 'Q2' where it always says [[A]], and answers
-    garbage for 'Q3'."""
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        user = body["messages"][-1]["content"]
-        assert body["temperature"] == 0
-        a = user.split("[The Start of Assistant A's Answer]\n")[1].split("\n[The End")[0]
-        if "Q3" in user:
-            text = "I cannot decide."
-        elif "Q2" in user:
-            text = "Verdict: [[A]]"
-        else:
-            text = "[[A]]" if "thank" in a.lower() else "[[B]]"
-        out = json.dumps({"choices": [{"message": {"content": text}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(out)
-
-    def log_message(self, *args):
-        pass
+def judge_answer(body):
+    """An OpenAI-compatible judge: it prefers the answer that mentions 'thank', in both orders, except
+    for question 'Q2' where it always says [[A]] (position bias), and answers garbage for 'Q3'."""
+    user = body["messages"][-1]["content"]
+    assert body["temperature"] == 0
+    a = user.split("[The Start of Assistant A's Answer]\n")[1].split("\n[The End")[0]
+    if "Q3" in user:
+        text = "I cannot decide."
+    elif "Q2" in user:
+        text = "Verdict: [[A]]"
+    else:
+        text = "[[A]]" if "thank" in a.lower() else "[[B]]"
+    return 200, {"choices": [{"message": {"content": text}}]}
 
 
 def test_judge_stage_with_an_http_judge(tmp_path):
@@ -73,13 +61,9 @@ def test_judge_stage_with_an_http_judge(tmp_path):
     rows = [{"prompt": f"Q{i}", "chosen": "Thank you, here it is.", "rejected": "No."} for i in range(4)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    server = HTTPServer(("127.0.0.1", 0), _Judge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        summary = run_judge(JudgeConfig(data=str(data), judge_url=f"http://127.0.0.1:{server.server_port}/v1",
-                                        judge_model="fake", output_dir=str(tmp_path / "runs"), name="j"))
-    finally:
-        server.shutdown()
+    with json_server(judge_answer) as base:
+        summary = run_judge(JudgeConfig(data=str(data), judge_url=f"{base}/v1", judge_model="fake",
+                                        output_dir=str(tmp_path / "runs"), name="j"))
     assert summary["n"] == 4 and summary["accuracy"] == 0.5 and summary["ties"] == 2
     assert summary["consistency"] == 0.5 and summary["unparsable"] == 2
     lines = (tmp_path / "runs" / "j" / "judgements.jsonl").read_text().splitlines()

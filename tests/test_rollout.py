@@ -3,13 +3,10 @@ the reward sources."""
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
-
 import pytest
 import torch
 
+from conftest import json_server
 from rlhfkit.data.template import encode_prompt
 from rlhfkit.rollout.rewards import (
     CompositeReward,
@@ -134,33 +131,19 @@ def test_repetition_and_exact_answer():
         rule([[]], ["18"], [{"question": "x"}])
 
 
-class _Scorer(BaseHTTPRequestHandler):
-    calls = 0
-
-    def do_POST(self):  # noqa: N802
-        type(self).calls += 1
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if type(self).calls == 1:  # the first request fails: the client must retry
-            self.send_response(503)
-            self.end_headers()
-            return
-        out = json.dumps({"rewards": [float(len(r)) for r in body["responses"]]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(out)
-
-    def log_message(self, *args):
-        pass
-
-
 def test_remote_reward_retries_and_composite(tmp_path):
     """A local HTTP scorer (reward = response length) that fails once with 503: the client retries and
-    gets [2, 5]. A composite 0.5*remote + 2*rule sums them."""
-    server = HTTPServer(("127.0.0.1", 0), _Scorer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}/score"
-    try:
+    gets [2, 5]. A composite 0.5*remote + 2*rule sums them. A dead server is an error naming it."""
+    calls = []
+
+    def respond(body):
+        calls.append(body)
+        if len(calls) == 1:  # the first request fails: the client must retry
+            return 503, None
+        return 200, {"rewards": [float(len(r)) for r in body["responses"]]}
+
+    with json_server(respond) as base:
+        url = f"{base}/score"
         remote = RemoteReward(url, timeout=5, retries=2, backoff=0.01)
         assert remote([[], []], ["ab", "hello"], [{}, {}]) == [2.0, 5.0]
         rule = tmp_path / "r.yaml"
@@ -168,8 +151,6 @@ def test_remote_reward_retries_and_composite(tmp_path):
         comp = parse_reward(f"0.5*{url} + 2*rule:{rule}")
         assert isinstance(comp, CompositeReward) and len(comp.parts) == 2
         assert comp([[], []], ["ab", "hello"], [{}, {}]) == pytest.approx([1.0, 4.5])
-    finally:
-        server.shutdown()
     with pytest.raises(RuntimeError, match="127.0.0.1"):
         RemoteReward(url, timeout=0.5, retries=1, backoff=0.01)([[]], ["x"], [{}])
 

@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Literal
 
@@ -110,26 +107,16 @@ class HTTPJudge:
         self.name = f"{model}@{url}" if model else url
 
     def one(self, messages: list[dict]) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0,
-                           "max_tokens": self.max_new_tokens}).encode()
-        headers = {"Content-Type": "application/json"}
-        if os.environ.get("OPENAI_API_KEY"):
-            headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
-        error = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(0.5 * 2 ** (attempt - 1))
-            try:
-                req = urllib.request.Request(self.url, data=body, headers=headers)
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read())["choices"][0]["message"]["content"] or ""
-            except urllib.error.HTTPError as e:
-                error = f"HTTP {e.code}"
-                if e.code < 500 and e.code != 429:
-                    break
-            except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
-                error = f"{type(e).__name__}: {e}"
-        raise RuntimeError(f"judge {self.url}: {error} (after {attempt + 1} attempt(s))")
+        from rlhfkit.rollout.rewards import post_json
+
+        key = os.environ.get("OPENAI_API_KEY")
+        answer = post_json(self.url, {"model": self.model, "messages": messages, "temperature": 0,
+                                      "max_tokens": self.max_new_tokens}, self.timeout, self.retries,
+                           headers={"Authorization": f"Bearer {key}"} if key else None)
+        try:
+            return answer["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise RuntimeError(f"judge {self.url}: not a chat completion: {str(answer)[:200]}") from None
 
     def __call__(self, conversations: list[list[dict]]) -> list[str]:
         return [self.one(c) for c in conversations]

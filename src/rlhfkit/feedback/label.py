@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from rlhfkit.config import DataArgs, ModelArgs, RunArgs
-from rlhfkit.train.rl import Prompts, SamplingArgs, rollout_phase
+from rlhfkit.train.rl import SamplingArgs, prompts_from, rollout_phase
 
 
 @dataclass
@@ -67,8 +67,6 @@ def reward_pairs(scores: list[float], mode: str) -> list[tuple[int, int, float]]
 
 
 def run_label(cfg: LabelConfig) -> dict:
-    from rlhfkit.data import load_records
-    from rlhfkit.data.template import encode_prompt
     from rlhfkit.feedback.judge import judge_pairs, make_judge
     from rlhfkit.models import load_causal_lm
     from rlhfkit.rollout.rewards import parse_reward
@@ -81,10 +79,8 @@ def run_label(cfg: LabelConfig) -> dict:
         raise SystemExit("error: --k must be at least 2 to make pairs")
     run = Run.open(cfg, "label", inputs={"train": cfg.train, "model": cfg.model})
     policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
-    records = load_records(cfg.train, kind="prompt", fields=cfg.fields, on_bad_record=cfg.on_bad_record).records
-    records = records[: cfg.limit] if cfg.limit else records
-    budget = cfg.max_length - cfg.max_new_tokens
-    prompts = Prompts(records, [encode_prompt(tokenizer, r.prompt)[-budget:] for r in records])
+    prompts = prompts_from(cfg, tokenizer)
+    records = prompts.records
     if cfg.labeler == "reward":
         reward = parse_reward(cfg.reward, cfg.reward_batch_size, cfg.max_length)
         judge = None

@@ -178,36 +178,44 @@ class ModelReward:
                      max_length=self.max_length)
 
 
+def post_json(url: str, payload: dict, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
+              headers: dict | None = None) -> dict:
+    """POST JSON and return the decoded answer. Connection errors, timeouts, 5xx and 429 are retried
+    with exponential backoff; other client errors are not. The last error is raised naming the URL."""
+    body = json.dumps(payload).encode()
+    error = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            error = f"HTTP {e.code}"
+            if e.code < 500 and e.code != 429:
+                break  # a client error will not go away on retry
+        except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
+            error = f"{type(e).__name__}: {e}"
+    raise RuntimeError(f"{url}: {error} (after {attempt + 1} attempt(s))")
+
+
 class RemoteReward:
     """An HTTP scorer. POSTs ``{"prompts": [[messages]], "responses": [str], "meta": [{}]}`` and expects
-    ``{"rewards": [float, ...]}`` back, one per response. Each request has a timeout; failures
-    (connection errors, 5xx, malformed answers) are retried with exponential backoff, and the last
-    error is raised naming the URL."""
+    ``{"rewards": [float, ...]}`` back, one per response (:func:`post_json`: timeouts and retries)."""
 
     def __init__(self, url: str, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5):
         self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
         self.name = url
 
     def __call__(self, prompts, responses, meta) -> list[float]:
-        body = json.dumps({"prompts": prompts, "responses": responses, "meta": meta}).encode()
-        error = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    rewards = json.loads(resp.read())["rewards"]
-                if len(rewards) != len(responses):
-                    raise ValueError(f"{len(rewards)} rewards for {len(responses)} responses")
-                return [float(r) for r in rewards]
-            except urllib.error.HTTPError as e:
-                error = f"HTTP {e.code}"
-                if e.code < 500:
-                    break  # a client error will not go away on retry
-            except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, TypeError) as e:
-                error = f"{type(e).__name__}: {e}"
-        raise RuntimeError(f"remote reward {self.url}: {error} (after {attempt + 1} attempt(s))")
+        answer = post_json(self.url, {"prompts": prompts, "responses": responses, "meta": meta}, self.timeout,
+                           self.retries, self.backoff)
+        rewards = answer.get("rewards") if isinstance(answer, dict) else None
+        if not isinstance(rewards, list) or len(rewards) != len(responses):
+            raise RuntimeError(f"remote reward {self.url}: expected {{'rewards': [{len(responses)} numbers]}}, "
+                               f"got {str(answer)[:200]}")
+        return [float(r) for r in rewards]
 
 
 @dataclass

@@ -24,7 +24,7 @@ from rlhfkit.config import DataArgs, ModelArgs, RunArgs
 from rlhfkit.losses.kl import best_of_n_kl
 from rlhfkit.models import load_causal_lm
 from rlhfkit.rollout.rewards import parse_reward
-from rlhfkit.train.rl import Prompts, SamplingArgs, rollout_phase
+from rlhfkit.train.rl import SamplingArgs, prompts_from, rollout_phase
 
 
 @dataclass
@@ -43,19 +43,14 @@ def best_of(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_bon(cfg: BoNConfig):
-    from rlhfkit.data import load_records
-    from rlhfkit.data.template import encode_prompt
     from rlhfkit.run import Run
     from rlhfkit.train.common import progress
 
     run = Run.open(cfg, "bon", inputs={"train": cfg.train, "model": cfg.model})
     policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
     reward = parse_reward(cfg.reward, cfg.reward_batch_size, cfg.max_length)
-    records = load_records(cfg.train, kind="prompt", fields=cfg.fields, on_bad_record=cfg.on_bad_record).records
-    if cfg.limit:
-        records = records[: cfg.limit]
-    budget = cfg.max_length - cfg.max_new_tokens
-    prompts = Prompts(records, [encode_prompt(tokenizer, r.prompt)[-budget:] for r in records])
+    prompts = prompts_from(cfg, tokenizer)
+    records = prompts.records
     first, best, worst = [], [], []
     files = {name: open(run.path / f"{name}.jsonl", "w") for name in ("samples", "best", "pairs")}
     try:

@@ -38,11 +38,10 @@ from rlhfkit.train.common import (
     release_freed_memory,
     save_hf,
     should_save,
-    split_by_tokens,
     start_stage,
     stop_on_nonfinite,
 )
-from rlhfkit.train.reward import encode_groups, group_tokens
+from rlhfkit.train.reward import encode_groups, eval_chunks, group_tokens
 from rlhfkit.train.rl import Reference, load_policy
 
 
@@ -135,21 +134,13 @@ def reference_logprobs(policy, reference: Reference, groups, pad_id: int, share_
         return sequence_logprobs(model, groups, pad_id, share_prefix)[0]
 
 
-def chunks_of(groups, cfg: DPOConfig, size: int) -> list[list]:
-    """Length-sorted evaluation chunks: by token budget, or ``size`` pairs."""
-    order = sorted(range(len(groups)), key=lambda i: group_tokens(groups[i], cfg.share_prefix))
-    if cfg.micro_batch_tokens:
-        return split_by_tokens(order, [group_tokens(groups[i], cfg.share_prefix) for i in order], cfg.micro_batch_tokens)
-    return [order[i: i + size] for i in range(0, len(order), size)]
-
-
 @torch.no_grad()
 def evaluate(model, reference, groups, cfg: DPOConfig, pad_id: int, accelerator) -> dict:
     """Held-out loss and implicit-reward statistics (rewards/accuracies is the held-out preference accuracy)."""
     model.eval()
     policy = accelerator.unwrap_model(model)
     sums: dict = {}
-    for idx in chunks_of(groups, cfg, cfg.eval_batch_size):
+    for idx in eval_chunks(groups, cfg.share_prefix, cfg.micro_batch_tokens, cfg.eval_batch_size):
         chunk = [groups[i] for i in idx]
         ref = reference_logprobs(policy, reference, chunk, pad_id, cfg.share_prefix)
         loss, stats = pair_loss(policy, chunk, ref, cfg, pad_id)
@@ -190,7 +181,7 @@ def train(cfg: DPOConfig):
             else:
                 cached = torch.zeros(len(train_set), 2)
                 with accelerator.autocast():
-                    for idx in chunks_of(train_set, cfg, cfg.eval_batch_size):
+                    for idx in eval_chunks(train_set, cfg.share_prefix, cfg.micro_batch_tokens, cfg.eval_batch_size):
                         ref = reference_logprobs(inner, reference, [train_set[i] for i in idx], pad_id, cfg.share_prefix)
                         cached[idx] = ref.view(-1, 2).float().cpu()
                 if accelerator.is_main_process:

@@ -211,6 +211,16 @@ def group_tokens(g: Group, share_prefix: bool) -> int:
     return len(g.responses) * (len(g.prompt) + max(len(r) for r in g.responses))
 
 
+def eval_chunks(groups: list[Group], share_prefix: bool, token_budget: int, size: int) -> list[list[int]]:
+    """Indices of ``groups`` in length-sorted forward passes: cut by ``token_budget`` padded tokens when
+    it is set, else ``size`` groups at a time."""
+    lengths = [group_tokens(g, share_prefix) for g in groups]
+    order = sorted(range(len(groups)), key=lengths.__getitem__)
+    if token_budget:
+        return split_by_tokens(order, [lengths[i] for i in order], token_budget)
+    return [order[i: i + size] for i in range(0, len(order), size)]
+
+
 def pool_last(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Outputs at each row's last real token: (N, T, k) -> (N, k)."""
     return scores[torch.arange(scores.shape[0], device=scores.device), last_token_index(mask)]
@@ -414,14 +424,10 @@ def normalize_bias(rm, tokenizer, cfg: RMConfig) -> float:
 def evaluate(rm, groups: list[Group], cfg: RMConfig, stats: dict, accelerator) -> dict:
     """The training statistics (loss, accuracy, margin, reward mean/std) on held-out groups."""
     rm.eval()
-    mine = sorted(groups[accelerator.process_index:: accelerator.num_processes],
-                  key=lambda g: group_tokens(g, cfg.share_prefix))
-    if cfg.micro_batch_tokens:
-        chunks = split_by_tokens(mine, [group_tokens(g, cfg.share_prefix) for g in mine], cfg.micro_batch_tokens)
-    else:
-        chunks = [mine[i: i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
+    mine = groups[accelerator.process_index:: accelerator.num_processes]
     sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=accelerator.device)}
-    for chunk in chunks:
+    for idx in eval_chunks(mine, cfg.share_prefix, cfg.micro_batch_tokens, cfg.eval_batch_size):
+        chunk = [mine[i] for i in idx]
         loss, stat = LOSSES[cfg.kind](rm, chunk, cfg, stats)
         sums["loss"] += loss * len(chunk)
         for k, v in stat.items():

@@ -152,6 +152,17 @@ def load_prompts(cfg, tokenizer, log) -> tuple[Prompts, Prompts]:
     return encode(train), encode(held)
 
 
+def prompts_from(cfg, tokenizer) -> Prompts:
+    """All prompts of ``--train`` (first ``--limit``), chat-templated, oldest tokens cut to leave room
+    for ``--max-new-tokens`` (the sampling stages without a held-out split: bon, label)."""
+    from rlhfkit.data import load_records
+
+    records = load_records(cfg.train, kind="prompt", fields=cfg.fields, on_bad_record=cfg.on_bad_record).records
+    records = records[: cfg.limit] if cfg.limit else records
+    budget = cfg.max_length - cfg.max_new_tokens
+    return Prompts(records, [encode_prompt(tokenizer, r.prompt)[-budget:] for r in records])
+
+
 # ---------------------------------------------------------------------------------------------
 # one rollout phase
 
