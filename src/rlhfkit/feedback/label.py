@@ -7,6 +7,10 @@ judge, a reward model or a rule, writing a preference dataset in the format huma
   different scores (``--pairs all``), each with its score margin.
 * ``--labeler judge``: each pair is judged in both orders by a local model or an OpenAI-compatible
   endpoint; only position-consistent wins become pairs, ties are counted and dropped.
+* ``--labeler simulated``: a simulated annotator with a hidden utility ``--utility`` (any reward spec,
+  usually a rule) that chooses like a noisy person, by the Bradley-Terry model:
+  P(a preferred to b) = sigmoid((u(a) - u(b)) / noise). Only the choice is written, never the
+  utility, so a reward model trained on it learns a proxy of a gold metric it never sees.
 
 The run directory holds ``preferences.jsonl`` (prompt / chosen / rejected [/ margin]), which
 ``rlhfkit rm train`` and ``rlhfkit dpo`` read as they are, ``samples.jsonl`` and the label
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import random
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -33,10 +39,17 @@ class LabelConfig(RunArgs, DataArgs, ModelArgs, SamplingArgs):
 
     k: int = 2
     """Responses sampled per prompt."""
-    labeler: Literal["reward", "judge"] = "reward"
-    """Who labels: --reward (RM, rule, HTTP) or an LLM judge (--judge-model / --judge-url)."""
+    labeler: Literal["reward", "judge", "simulated"] = "reward"
+    """Who labels: --reward (RM, rule, HTTP), an LLM judge (--judge-model / --judge-url), or a simulated
+    noisy annotator with the hidden utility --utility."""
+    utility: str = ""
+    """The simulated annotator's hidden utility (same syntax as --reward)."""
+    noise: float = 0.1
+    """The simulated annotator's Bradley-Terry temperature: P(a > b) = sigmoid((u_a - u_b) / noise);
+    larger is noisier."""
     pairs: Literal["best_worst", "all"] = "best_worst"
-    """With a reward: the best and worst response of each prompt, or every pair of different scores."""
+    """With a reward: the best and worst response of each prompt, or every pair of different scores.
+    (The judge and the simulated annotator are shown every pair.)"""
     judge_model: str = "smollm2-135m-instruct"
     """Local judge model for --labeler judge."""
     judge_url: str = ""
@@ -66,6 +79,12 @@ def reward_pairs(scores: list[float], mode: str) -> list[tuple[int, int, float]]
     return out
 
 
+def simulated_choice(u_a: float, u_b: float, noise: float, rng: random.Random) -> bool:
+    """True when a Bradley-Terry annotator with utilities (u_a, u_b) and temperature ``noise`` prefers a:
+    P(a) = sigmoid((u_a - u_b) / noise). Equal utilities are a coin flip."""
+    return rng.random() < 1.0 / (1.0 + math.exp(-(u_a - u_b) / max(noise, 1e-12)))
+
+
 def run_label(cfg: LabelConfig) -> dict:
     from rlhfkit.feedback.judge import judge_pairs, make_judge
     from rlhfkit.models import load_causal_lm
@@ -75,21 +94,25 @@ def run_label(cfg: LabelConfig) -> dict:
 
     if cfg.labeler == "reward" and not cfg.reward:
         raise SystemExit("error: --labeler reward needs --reward (a reward model, rule:FILE.yaml or a URL)")
+    if cfg.labeler == "simulated" and not cfg.utility:
+        raise SystemExit("error: --labeler simulated needs --utility (the annotator's hidden utility, e.g. rule:FILE.yaml)")
     if cfg.k < 2:
         raise SystemExit("error: --k must be at least 2 to make pairs")
     run = Run.open(cfg, "label", inputs={"train": cfg.train, "model": cfg.model})
     policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
     prompts = prompts_from(cfg, tokenizer)
     records = prompts.records
-    if cfg.labeler == "reward":
-        reward = parse_reward(cfg.reward, cfg.reward_batch_size, cfg.max_length)
-        judge = None
+    judge = None
+    if cfg.labeler != "judge":
+        spec = cfg.reward if cfg.labeler == "reward" else cfg.utility
+        reward = parse_reward(spec, cfg.reward_batch_size, cfg.max_length)
     else:
         def reward(prompts_, responses, meta):  # sampling only: the judge labels afterwards
             return [0.0] * len(responses)
         judge = make_judge(cfg.judge_model, cfg.judge_url, "", cfg.judge_max_new_tokens, cfg.batch_size)
 
-    stats = {"prompts": len(records), "k": cfg.k, "pairs": 0, "ties": 0, "judged": 0, "consistent": 0, "unparsable": 0}
+    stats = {"prompts": len(records), "k": cfg.k, "pairs": 0, "ties": 0, "judged": 0, "consistent": 0, "unparsable": 0,
+             "agree_with_utility": 0, "utility_differs": 0}
     with open(run.path / "preferences.jsonl", "w") as prefs, open(run.path / "samples.jsonl", "w") as samples:
         for start in progress(range(0, len(records), cfg.batch_size), cfg.progress, "label"):
             idx = list(range(start, min(start + cfg.batch_size, len(records))))
@@ -100,8 +123,19 @@ def run_label(cfg: LabelConfig) -> dict:
                 scores = batch.scores[j * cfg.k: (j + 1) * cfg.k].tolist()
                 for s, (t, sc) in enumerate(zip(texts, scores)):
                     samples.write(json.dumps({"prompt": records[i].prompt, "response": t, "sample": s,
-                                              **({"score": sc} if judge is None else {})}) + "\n")
-                if judge is None:
+                                              **({"score": sc} if cfg.labeler == "reward" else {})}) + "\n")
+                if cfg.labeler == "simulated":
+                    rng = random.Random(cfg.seed * 1_000_003 + i)
+                    combos = list(itertools.combinations(range(len(texts)), 2))  # each pair shown once
+                    rows = []
+                    for a, b in combos:
+                        first = simulated_choice(scores[a], scores[b], cfg.noise, rng)
+                        win, lose = (a, b) if first else (b, a)
+                        if scores[a] != scores[b]:
+                            stats["utility_differs"] += 1
+                            stats["agree_with_utility"] += scores[win] > scores[lose]
+                        rows.append({"prompt": records[i].prompt, "chosen": texts[win], "rejected": texts[lose]})
+                elif judge is None:
                     found = reward_pairs(scores, cfg.pairs)
                     stats["ties"] += (len(texts) * (len(texts) - 1) // 2 if cfg.pairs == "all" else 1) - len(found)
                     rows = [{"prompt": records[i].prompt, "chosen": texts[a], "rejected": texts[b], "margin": m}
@@ -120,6 +154,8 @@ def run_label(cfg: LabelConfig) -> dict:
                 for row in rows:
                     prefs.write(json.dumps(row) + "\n")
                 stats["pairs"] += len(rows)
+    if cfg.labeler == "simulated":
+        stats["agreement_with_utility"] = stats["agree_with_utility"] / max(stats["utility_differs"], 1)
     if judge is not None:
         stats["position_consistency"] = stats["consistent"] / max(stats["judged"], 1)
     run.finish(**stats)

@@ -85,6 +85,13 @@ class RewardModel(nn.Module):
         scores = head(hidden)
         return scores - self.bias if self.bias else scores
 
+    def pooled_hidden(self, input_ids, attention_mask) -> torch.Tensor:
+        """The backbone's last hidden state at the last non-pad token: (B, d), the head's input."""
+        backbone, _ = self._parts()
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+                          use_cache=False).last_hidden_state
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+
     def pooled(self, input_ids, attention_mask) -> torch.Tensor:
         """Outputs at the last non-pad token: (B, num_labels); (B,) when num_labels is 1."""
         scores = self(input_ids, attention_mask)
@@ -173,26 +180,49 @@ def save_reward_model(model: RewardModel | nn.Module, tokenizer, folder, state_d
     tokenizer.save_pretrained(folder)
 
 
-@torch.no_grad()
-def score(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list, batch_size: int = 8,
-          max_length: int = 1024, side: str = "right") -> list[float]:
-    """Rewards for (prompt, response) pairs, batched. A prompt is a list of messages (a whole
-    multi-turn dialogue is scored); a response is a string or a list of further messages.
-    Pairs longer than ``max_length`` lose their oldest prompt tokens."""
+def encode_pairs(tokenizer, prompts: list[list[dict]], responses: list, max_length: int) -> list[list[int]]:
+    """Token ids of each (prompt, response) as the reward model reads it; pairs longer than
+    ``max_length`` lose their oldest prompt tokens."""
     from rlhfkit.data.template import encode_prompt, encode_response, truncate
 
-    device = next(model.parameters()).device
     seqs = []
     for p, r in zip(prompts, responses):
         resp = encode_response(tokenizer, r, p)[-(max_length - 1):]
         seqs.append(truncate(encode_prompt(tokenizer, p), resp, max_length, "prompt_left").input_ids)
-    out: list[float] = []
+    return seqs
+
+
+@torch.no_grad()
+def _pooled_batches(model: RewardModel, tokenizer, prompts, responses, batch_size: int, max_length: int, side: str,
+                    read):
+    """``read(model, ids, mask)`` on each batch of encoded pairs, in eval mode; results concatenated."""
+    device = next(model.parameters()).device
+    seqs = encode_pairs(tokenizer, prompts, responses, max_length)
+    out = []
     was_training = model.training
     model.eval()
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i: i + batch_size]
         ids = pad(chunk, tokenizer.pad_token_id, side).to(device)
         mask = pad([[1] * len(s) for s in chunk], 0, side).to(device)
-        out.extend(model.pooled(ids, mask).float().tolist())
+        out.append(read(model, ids, mask).float().cpu())
     model.train(was_training)
-    return out
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def score(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list, batch_size: int = 8,
+          max_length: int = 1024, side: str = "right") -> list[float]:
+    """Rewards for (prompt, response) pairs, batched. A prompt is a list of messages (a whole
+    multi-turn dialogue is scored); a response is a string or a list of further messages.
+    Pairs longer than ``max_length`` lose their oldest prompt tokens."""
+    return _pooled_batches(model, tokenizer, prompts, responses, batch_size, max_length, side,
+                           lambda m, ids, mask: m.pooled(ids, mask)).tolist()
+
+
+def embed(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list, batch_size: int = 8,
+          max_length: int = 1024) -> torch.Tensor:
+    """The backbone's last hidden state at the token the reward is read from: (N, d) in fp32. These are
+    the features the head sees, so distances in this space say how familiar a text is to the RM
+    (the OOD monitor's input)."""
+    return _pooled_batches(model, tokenizer, prompts, responses, batch_size, max_length, "right",
+                           lambda m, ids, mask: m.pooled_hidden(ids, mask))

@@ -24,6 +24,7 @@ import urllib.request
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
 import yaml
 
 # ---------------------------------------------------------------------------------------------
@@ -159,9 +160,12 @@ class RuleReward:
 
 
 class ModelReward:
-    """A saved reward model (``AutoModelForSequenceClassification``) scoring the whole dialogue."""
+    """A saved reward model (``AutoModelForSequenceClassification``) scoring the whole dialogue. When its
+    folder holds an ``ood.pt`` detector (written by ``rm train``), each call also flags the responses
+    that lie off the RM's training distribution (``last_ood``): one forward pass gives both."""
 
     def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, device=None):
+        from rlhfkit.eval.monitors import OODDetector
         from rlhfkit.models.reward import load_reward_model
 
         self.model, self.tokenizer = load_reward_model(path)
@@ -170,12 +174,22 @@ class ModelReward:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.batch_size, self.max_length, self.name = batch_size, max_length, f"rm:{Path(path).name}"
+        detector = Path(path) / "ood.pt"
+        self.ood = OODDetector.load(detector) if detector.is_file() else None
+        self.last_ood = None
 
     def __call__(self, prompts, responses, meta) -> list[float]:
-        from rlhfkit.models.reward import score
+        from rlhfkit.models.reward import embed, score
 
-        return score(self.model, self.tokenizer, prompts, responses, batch_size=self.batch_size,
-                     max_length=self.max_length)
+        if self.ood is None or self.model.num_labels != 1:
+            return score(self.model, self.tokenizer, prompts, responses, batch_size=self.batch_size,
+                         max_length=self.max_length)
+        features = embed(self.model, self.tokenizer, prompts, responses, self.batch_size, self.max_length)
+        self.last_ood = self.ood.flag(features)
+        head = self.model._parts()[1]
+        with torch.no_grad():
+            out = head(features.to(head.weight.device, head.weight.dtype)).squeeze(-1).float() - self.model.bias
+        return out.cpu().tolist()
 
 
 def post_json(url: str, payload: dict, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
@@ -228,6 +242,11 @@ class CompositeReward:
     @property
     def name(self) -> str:
         return " + ".join(f"{w:g}*{s.name}" for w, s in self.parts)
+
+    @property
+    def last_ood(self):
+        """OOD flags of the last call from the first reward model with a detector (None if there is none)."""
+        return next((s.last_ood for _, s in self.parts if getattr(s, "ood", None) is not None), None)
 
     def __call__(self, prompts, responses, meta) -> list[float]:
         total = [0.0] * len(responses)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
+from rlhfkit.eval.monitors import MonitorArgs
 from rlhfkit.losses.advantages import grpo_advantages, reinforce_advantages, rloo_advantages
 from rlhfkit.losses.kl import kl_penalty
 from rlhfkit.losses.ppo import aggregate, policy_loss
@@ -66,7 +67,7 @@ CURVES = ["score", "kl", "non_score_reward", "beta", "entropy", "approx_kl", "po
 
 
 @dataclass
-class PGConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, KLArgs):
+class PGConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, KLArgs, MonitorArgs):
     """Critic-free policy gradient: REINFORCE, RLOO, GRPO or Dr. GRPO, with a KL tether to the reference."""
 
     estimator: Literal["reinforce", "rloo", "grpo", "dr_grpo"] = "rloo"
@@ -186,7 +187,7 @@ def train(cfg: PGConfig):
                            zero_advantage_groups=(groups.max(1).values == groups.min(1).values).float().mean().item(),
                            lr=lr, grad_norm=grad_norm, **batch.seconds, time_logprobs=t_logprobs,
                            time_train=time.perf_counter() - t0)
-            end_step(s, cfg, bar, step, metrics)
+            end_step(s, cfg, bar, step, metrics, batch)
 
         return finish(s, cfg, inner, CURVES)
 

@@ -28,6 +28,7 @@ from typing import Literal
 from torch import nn
 
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
+from rlhfkit.eval.monitors import MonitorArgs
 from rlhfkit.losses.advantages import gae, token_rewards, whiten
 from rlhfkit.losses.kl import kl_penalty
 from rlhfkit.losses.lm import sft_loss
@@ -67,7 +68,7 @@ CURVES = ["score", "kl", "non_score_reward", "beta", "entropy", "approx_kl", "po
 
 
 @dataclass
-class PPOConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, KLArgs):
+class PPOConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, KLArgs, MonitorArgs):
     """PPO actor-critic RLHF against a reward, with a per-token KL penalty to the reference."""
 
     preset: Literal["ppo", "a2c"] = "ppo"
@@ -240,7 +241,7 @@ def train(cfg: PPOConfig):
                 metrics["ptx_loss"] = sum(ptx_losses) / len(ptx_losses)
             if len(reward.parts) > 1:
                 metrics.update({f"reward/{k}": v for k, v in reward.last_terms.items()})
-            end_step(s, cfg, bar, step, metrics)
+            end_step(s, cfg, bar, step, metrics, batch)
 
         return finish(s, cfg, inner.policy, CURVES)
 

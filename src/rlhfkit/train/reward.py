@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -89,6 +90,10 @@ class RMConfig(RunArgs, OptimArgs, DataArgs, ModelArgs):
     normalize_on: str = ""
     """After training, set the reward bias so these (prompt, response) records, e.g. reference-policy
     samples or demonstrations, score 0 on average (reference §1d). Stored as config.rlhfkit_reward_bias."""
+    ood_fit: int = 512
+    """After training, fit the OOD detector (Mahalanobis distance on the RM's features) on up to this many
+    training responses and save it beside the model as ood.pt; RL runs then report the fraction of
+    samples off this distribution (0: no detector; scalar kinds only)."""
 
 
 @dataclass
@@ -397,14 +402,36 @@ def train(cfg: RMConfig) -> Run:
             summary["reward_bias"] = normalize_bias(unwrapped, tokenizer, cfg)
             log(f"reward bias {summary['reward_bias']:.4f}: {cfg.normalize_on} now scores 0 on average")
 
+        detector = None
+        if cfg.ood_fit and num_labels(cfg) == 1 and cfg.kind != "orm" and accelerator.is_main_process:
+            detector = fit_ood(unwrapped, tokenizer, records, cfg)
+            log(f"OOD detector: fitted on {detector.n_fit} training responses, threshold {detector.threshold:.1f} "
+                f"(the {detector.quantile:.0%} quantile of held-out training responses)")
+
         def save(folder):
             if accelerator.is_main_process:
                 save_reward_model(unwrapped, tokenizer, folder)
+                if detector is not None:
+                    detector.save(Path(folder) / "ood.pt")
 
         run.save_final(save)
         run.finish(**summary)
         log(f"done: {run.path}")
         return run
+
+
+def fit_ood(rm, tokenizer, records, cfg: RMConfig):
+    """The OOD detector on the trained RM's features of up to ``cfg.ood_fit`` training responses."""
+    import random
+
+    from rlhfkit.eval.monitors import OODDetector, ood_texts
+    from rlhfkit.models.reward import embed
+
+    prompts, responses = ood_texts(records)
+    keep = sorted(random.Random(cfg.seed).sample(range(len(responses)), min(cfg.ood_fit, len(responses))))
+    features = embed(rm, tokenizer, [prompts[i] for i in keep], [responses[i] for i in keep],
+                     batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
+    return OODDetector.fit(features, seed=cfg.seed)
 
 
 def normalize_bias(rm, tokenizer, cfg: RMConfig) -> float:

@@ -132,35 +132,33 @@ class Prompts:
     ids: list[list[int]]
 
 
-def load_prompts(cfg, tokenizer, log) -> tuple[Prompts, Prompts]:
-    """Training and held-out prompts, chat-templated. Prompts longer than max_length - max_new_tokens
-    lose their oldest tokens (counted and reported)."""
-    train, held, _ = load_train_eval(cfg, "prompt", log)
-    held = held[: cfg.eval_prompts]
+def encode_prompts(tokenizer, records, cfg, log) -> Prompts:
+    """Chat-templated prompt ids; prompts longer than max_length - max_new_tokens lose their oldest
+    tokens (counted and reported)."""
     budget = cfg.max_length - cfg.max_new_tokens
     if budget < 8:
         raise SystemExit(f"error: --max-length {cfg.max_length} leaves no room for prompts after "
                          f"--max-new-tokens {cfg.max_new_tokens}")
+    ids = [encode_prompt(tokenizer, r.prompt) for r in records]
+    cut = sum(len(x) > budget for x in ids)
+    if cut:
+        log(f"{cut} prompts longer than {budget} tokens lost their oldest tokens")
+    return Prompts(records, [x[-budget:] for x in ids])
 
-    def encode(records):
-        ids = [encode_prompt(tokenizer, r.prompt) for r in records]
-        cut = sum(len(x) > budget for x in ids)
-        if cut:
-            log(f"{cut} prompts longer than {budget} tokens lost their oldest tokens")
-        return Prompts(records, [x[-budget:] for x in ids])
 
-    return encode(train), encode(held)
+def load_prompts(cfg, tokenizer, log) -> tuple[Prompts, Prompts]:
+    """Training and held-out prompts (the first --eval-prompts of the held-out split), chat-templated."""
+    train, held, _ = load_train_eval(cfg, "prompt", log)
+    return encode_prompts(tokenizer, train, cfg, log), encode_prompts(tokenizer, held[: cfg.eval_prompts], cfg, log)
 
 
 def prompts_from(cfg, tokenizer) -> Prompts:
-    """All prompts of ``--train`` (first ``--limit``), chat-templated, oldest tokens cut to leave room
-    for ``--max-new-tokens`` (the sampling stages without a held-out split: bon, label)."""
+    """All prompts of ``--train`` (first ``--limit``), chat-templated (the sampling stages without a
+    held-out split: bon, label)."""
     from rlhfkit.data import load_records
 
     records = load_records(cfg.train, kind="prompt", fields=cfg.fields, on_bad_record=cfg.on_bad_record).records
-    records = records[: cfg.limit] if cfg.limit else records
-    budget = cfg.max_length - cfg.max_new_tokens
-    return Prompts(records, [encode_prompt(tokenizer, r.prompt)[-budget:] for r in records])
+    return encode_prompts(tokenizer, records[: cfg.limit] if cfg.limit else records, cfg, print)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,44 +211,6 @@ def rollout_phase(policy, tokenizer, reward, prompts: Prompts, indices: list[int
 def response_stats(rollout: Rollout) -> dict:
     lengths = rollout.lengths.float()
     return {"response_length": lengths.mean().item(), "eos_rate": rollout.eos.float().mean().item()}
-
-
-# ---------------------------------------------------------------------------------------------
-# held-out: policy against reference
-
-
-@torch.no_grad()
-def compare_with_reference(policy, reference: Reference, tokenizer, reward, held: Prompts, cfg, seed: int,
-                           batch_size: int = 16) -> dict:
-    """Sample one response per held-out prompt from the policy and from the reference (same seed),
-    score both, and report the mean scores, their paired difference with its standard error, and
-    the policy's KL to the reference (sum over tokens of k1 on the policy's samples)."""
-    temperature = cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature
-    out = {"policy": [], "reference": [], "kl": [], "length": [], "samples": []}
-    kwargs = sampling_kwargs(cfg, tokenizer, temperature)
-    for start in range(0, len(held.ids), batch_size):
-        ids, records = held.ids[start: start + batch_size], held.records[start: start + batch_size]
-        g = torch.Generator().manual_seed(seed + start)
-        pol = sample(policy, ids, **kwargs, generator=g)
-        g = torch.Generator().manual_seed(seed + start)
-        ref = reference.sample(policy, ids, **kwargs, generator=g)
-        pol_text, ref_text = decode(tokenizer, pol), decode(tokenizer, ref)
-        out["policy"] += score_texts(reward, records, pol_text, pol, cfg.missing_eos_penalty)[0].tolist()
-        out["reference"] += score_texts(reward, records, ref_text, ref, cfg.missing_eos_penalty)[0].tolist()
-        logp = response_logprobs(policy, pol, temperature)
-        ref_logp = reference.logprobs(policy, pol, temperature)
-        out["kl"] += (kl_penalty(logp, ref_logp, "k1") * pol.response_mask).sum(-1).tolist()
-        out["length"] += pol.lengths.tolist()
-        out["samples"] += [{"prompt": r.prompt[-1]["content"], "policy": p, "reference": q}
-                           for r, p, q in zip(records, pol_text, ref_text)]
-    n = len(out["policy"])
-    diff = [a - b for a, b in zip(out["policy"], out["reference"])]
-    mean_d = sum(diff) / n
-    se = math.sqrt(sum((d - mean_d) ** 2 for d in diff) / max(n - 1, 1) / n)
-    return {"prompts": n, "policy_score": sum(out["policy"]) / n, "reference_score": sum(out["reference"]) / n,
-            "difference": mean_d, "difference_se": se, "difference_in_se": mean_d / se if se > 0 else float("inf"),
-            "kl": sum(out["kl"]) / n, "response_length": sum(out["length"]) / n, "temperature": temperature,
-            "samples": out["samples"][:20]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,11 +270,14 @@ class RLSetup:
     steps: int
     kl_ctl: object
     minibatch: int
+    monitor: object
+    gold: object  # a reward source that is watched, never optimised (None without --gold)
 
 
 def start_rl(cfg, stage: str, k: int = 1, inputs: dict | None = None) -> RLSetup:
     """Check the batch arithmetic, open the run, load the policy, reference, reward and prompts, and
     plan which prompts each step samples (seeded, the same on resume)."""
+    from rlhfkit.eval.monitors import Monitor
     from rlhfkit.losses.kl import kl_controller
     from rlhfkit.rollout.rewards import parse_reward
     from rlhfkit.train.common import BatchPlan, start_stage, total_steps, world_size
@@ -328,6 +291,7 @@ def start_rl(cfg, stage: str, k: int = 1, inputs: dict | None = None) -> RLSetup
     policy, tokenizer = load_policy(cfg)
     reference = Reference(policy, cfg.mixed_precision, cfg.reference)
     reward = parse_reward(cfg.reward, cfg.reward_batch_size, cfg.max_length, accelerator.device)
+    gold = parse_reward(cfg.gold, cfg.reward_batch_size, cfg.max_length, accelerator.device) if cfg.gold else None
     prompts, held = load_prompts(cfg, tokenizer, log)
     plan = BatchPlan(len(prompts.ids), cfg.batch_size, cfg.batch_size // world, world, accelerator.process_index,
                      cfg.seed)
@@ -337,7 +301,7 @@ def start_rl(cfg, stage: str, k: int = 1, inputs: dict | None = None) -> RLSetup
     log(f"{stage}: policy {cfg.model} (reference: {ref}), reward {reward.name}; {len(prompts.ids)} train / "
         f"{len(held.ids)} held-out prompts")
     return RLSetup(accelerator, run, log, policy, tokenizer, reference, reward, prompts, held, plan,
-                   total_steps(cfg, plan), kl_ctl, minibatch)
+                   total_steps(cfg, plan), kl_ctl, minibatch, Monitor(cfg, run.path if run.is_main else None), gold)
 
 
 def prepare_rl(s: RLSetup, cfg, model):
@@ -357,10 +321,17 @@ def step_generator(cfg, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
 
 
-def end_step(s: RLSetup, cfg, bar, step: int, metrics: dict) -> None:
-    """Log the step, show it on the bar, checkpoint when due."""
+def end_step(s: RLSetup, cfg, bar, step: int, metrics: dict, batch: Batch) -> None:
+    """The monitors (gold score, OOD fraction, reward-hacking alarms), then log the step, show it on the
+    bar, checkpoint when due."""
     from rlhfkit.train.common import should_save
 
+    gold = None
+    if s.gold is not None:
+        gold = s.gold([r.prompt for r in batch.records], batch.texts, [r.meta for r in batch.records])
+        metrics["gold"] = sum(gold) / len(gold)
+    ood = getattr(s.reward, "last_ood", None)
+    metrics.update(s.monitor.observe(step + 1, batch.texts, batch.raw_scores.tolist(), metrics["kl"], gold, ood))
     s.run.log(step + 1, **metrics)
     if s.accelerator.is_main_process and cfg.progress:
         bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.2f}", len=f"{metrics['response_length']:.0f}")
@@ -450,23 +421,29 @@ def mean_stats(accelerator, sums: dict) -> dict:
 
 
 def finish(s: RLSetup, cfg, policy, curves: list[str]):
-    """Held-out comparison with the reference, curves, and the final policy in Hugging Face format."""
+    """Held-out comparison with the reference (proxy and gold), curves, the report, and the final
+    policy in Hugging Face format."""
+    from rlhfkit.eval.policy import compare_policies, summary_line
+    from rlhfkit.eval.report import write_report
     from rlhfkit.train.common import save_hf
 
     accelerator, run, summary = s.accelerator, s.run, {}
     if s.held.ids and accelerator.is_main_process:
+        rewards = {"reward": s.reward, **({"gold": s.gold} if s.gold is not None else {})}
         with accelerator.autocast():
-            result = compare_with_reference(policy, s.reference, s.tokenizer, s.reward, s.held, cfg, seed=cfg.seed + 7)
+            result = compare_policies(policy, s.reference, s.tokenizer, rewards, s.held, cfg, seed=cfg.seed + 7)
         (run.path / "heldout.json").write_text(json.dumps(result, indent=2))
-        summary = {f"heldout_{k}": v for k, v in result.items() if k != "samples"}
-        s.log(f"held-out ({result['prompts']} prompts, T={result['temperature']}): policy {result['policy_score']:.4f} vs "
-              f"reference {result['reference_score']:.4f}, difference {result['difference']:+.4f} ± "
-              f"{result['difference_se']:.4f} (SE; {result['difference_in_se']:.1f} SE), KL {result['kl']:.3f}")
+        summary = {f"heldout_{name}_{k}": v for name, r in result["rewards"].items() for k, v in r.items()}
+        summary["heldout_kl"] = result["kl"]
+        s.log(summary_line(result))
+    curves = curves + ["gold", "monitor/length_corr", "monitor/repetition", "monitor/distinct_2", "monitor/ood_fraction"]
     if accelerator.is_main_process and plot_curves(run.path / "metrics.jsonl", run.path / "curves.png", curves,
                                                    run.path.name):
         s.log(f"curves: {run.path / 'curves.png'}")
     run.save_final(lambda folder: save_hf(accelerator, policy, s.tokenizer, folder))
     run.finish(**summary)
+    if accelerator.is_main_process:
+        s.log(f"report: {write_report(run.path)}")
     s.log(f"done: {run.path}")
     return run
 
