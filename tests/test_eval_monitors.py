@@ -47,7 +47,7 @@ def _feed(monitor, steps, score, length, kl=1.0, gold=None):
 
 def test_monitor_alarms_fire_on_hacking_and_stay_quiet_otherwise():
     """Reward that pays for length (corr -> 1 after step 5) raises the length alarm; a KL jump from 1 to 5
-    nats raises a spike; proxy rising while gold falls raises over-optimisation; a clean run raises none."""
+    nats after a full window of 5 steps raises a spike (KL growing from 0 over the first 4 steps does not); proxy rising while gold falls raises over-optimisation; a clean run raises none."""
     from rlhfkit.eval.monitors import Monitor, MonitorArgs, RewardHackingWarning
 
     rng = random.Random(0)
@@ -59,6 +59,8 @@ def test_monitor_alarms_fire_on_hacking_and_stay_quiet_otherwise():
         warnings.simplefilter("always")
         clean = Monitor(MonitorArgs())
         _feed(clean, range(1, 13), lambda s, n: [rng.random() for _ in n], lengths)
+        growing = Monitor(MonitorArgs())  # KL rising from 0 in the first steps is no spike
+        _feed(growing, range(1, 5), lambda s, n: [0.0] * 8, lengths, kl=lambda s: [0.0, 0.2, 1.5, 4.0][s - 1])
     assert not [w for w in caught if issubclass(w.category, RewardHackingWarning)]
     assert sum(h["length_corr"] for h in clean.history) / 12 == pytest.approx(0.0, abs=0.3)
 

@@ -29,7 +29,7 @@ def pipeline_config(tmp_path, out: str, **over) -> dict:
         "feedback": {"labeler": "simulated", "utility": f"rule:{utility}", "noise": 0.2, "k": 3, "limit": 12,
                      "max_new_tokens": 8, "batch_size": 6},
         "reward_model": {"eval_size": 6, "batch_size": 6, "micro_batch_size": 6, "lr": 1e-3, "max_length": 64,
-                         "ood_fit": 40},
+                         "ood_fit": 40, "trainable_layers": 1, "mixed_precision": "bf16"},
         "rl": {"estimator": "rloo", "samples_per_prompt": 2, "batch_size": 2, "micro_batch_size": 2, "lr": 1e-3,
                "max_new_tokens": 8, "max_length": 64, "max_steps": 14, "save_every": 1, "keep_checkpoints": 20},
         "evaluate": {"eval_prompts": 5},
@@ -72,7 +72,8 @@ def test_pipeline_interrupted_in_rl_resumes_to_the_same_result(tmp_path):
     """Run the pipeline in a subprocess and kill it (SIGKILL) once the RL stage has written a checkpoint.
     Running the same command again skips the finished feedback and reward-model stages (their manifests
     are untouched), resumes RL from its checkpoint, and ends with the same RL metrics and the same
-    held-out evaluation as an uninterrupted run."""
+    held-out evaluation as an uninterrupted run (the monitors' history is restored too, so their alarms
+    match)."""
     full_cfg = write_config(tmp_path, pipeline_config(tmp_path, "full"))
     run_in_process(full_cfg)
     full = tmp_path / "full" / "pipe"
@@ -102,7 +103,7 @@ def test_pipeline_interrupted_in_rl_resumes_to_the_same_result(tmp_path):
     a, b = metrics(full / "r1-pg" / "metrics.jsonl"), metrics(cut / "r1-pg" / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 15))
     for x, y in zip(a, b):
-        for key in ("score", "kl", "gold", "policy_loss", "response_length"):
+        for key in ("score", "kl", "gold", "policy_loss", "response_length", "monitor/length_corr", "monitor/alarms"):
             assert x[key] == pytest.approx(y[key], abs=1e-5), (x["step"], key)
     ea, eb = (json.loads((d / "r1-eval" / "eval.json").read_text()) for d in (full, cut))
     for name in ("reward", "gold"):
@@ -121,3 +122,25 @@ def test_pipeline_interrupted_in_rl_resumes_to_the_same_result(tmp_path):
     row = metrics(cut / "r1-pg" / "metrics.jsonl")[0]
     for key in ("monitor/length_corr", "monitor/repetition", "monitor/distinct_2", "monitor/ood_fraction", "gold"):
         assert key in row, key
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "bon"])
+def test_pipeline_dpo_and_rejection_sampling_paths(tmp_path, algorithm):
+    """algorithm: dpo trains on the round's pairs with no reward model; algorithm: bon samples best-of-n
+    against the RM and fine-tunes on the best answers (rejection-sampling fine-tuning). Both end with a
+    held-out evaluation against the reference by the gold metric."""
+    rl = ({"batch_size": 4, "micro_batch_size": 4, "lr": 1e-3, "max_steps": 2, "max_length": 64} if algorithm == "dpo"
+          else {"n": 3, "max_new_tokens": 8, "max_length": 64, "limit": 8,
+                "sft": {"batch_size": 4, "micro_batch_size": 4, "max_steps": 2, "lr": 1e-3, "max_length": 64}})
+    cfg = pipeline_config(tmp_path, algorithm, algorithm=algorithm, rl=rl,
+                          evaluate={"eval_prompts": 5, "max_new_tokens": 8})
+    if algorithm == "dpo":
+        cfg.pop("reward_model")
+    run_in_process(write_config(tmp_path, cfg))
+    pipe = tmp_path / algorithm / "pipe"
+    stages = [s["name"] for s in json.loads((pipe / "manifest.json").read_text())["stages"]]
+    assert stages == (["r1-feedback", "r1-dpo", "r1-eval"] if algorithm == "dpo"
+                      else ["r1-feedback", "r1-rm", "r1-bon", "r1-sft-best", "r1-eval"])
+    result = json.loads((pipe / "r1-eval" / "eval.json").read_text())
+    assert set(result["rewards"]) == ({"gold"} if algorithm == "dpo" else {"reward", "gold"})
+    assert abs(result["kl"]) > 1e-4  # the policy moved (k1 on 5 samples may come out negative)

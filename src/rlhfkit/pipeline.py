@@ -60,7 +60,8 @@ class PipelineConfig(RunArgs):
     reward_model: dict = field(default_factory=dict)
     """Reward-model fields (`rlhfkit rm train`)."""
     rl: dict = field(default_factory=dict)
-    """Fields of the RL stage (`rlhfkit pg|ppo|dpo|bon`)."""
+    """Fields of the RL stage (`rlhfkit pg|ppo|dpo|bon`); for bon, rl.sft holds the fields of the SFT on
+    the best answers."""
     evaluate: dict = field(default_factory=dict)
     """Fields of `rlhfkit eval policy` (eval_prompts, judge_model, ...)."""
     name: str = "pipeline"
@@ -187,11 +188,12 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         rl_fields = {**common, "train": train, "eval": held, "reward": rm, "gold": gold, "eval_prompts": 0, **cfg.rl}
         if cfg.algorithm == "dpo":
             rl_dir = p.stage(f"r{r}-dpo", "dpo", "rlhfkit.train.dpo", "DPOConfig", {**common, "train": prefs, **cfg.rl})
-        elif cfg.algorithm == "bon":
+        elif cfg.algorithm == "bon":  # rejection-sampling fine-tuning: rl.sft holds the SFT fields
+            rl = {k: v for k, v in cfg.rl.items() if k != "sft"}
             bon = p.stage(f"r{r}-bon", "bon", "rlhfkit.train.best_of_n", "BoNConfig",
-                          {"model": policy, "train": train, "reward": rm, **cfg.rl}, entry="run_bon")
+                          {"model": policy, "train": train, "reward": rm, **rl}, entry="run_bon")
             rl_dir = p.stage(f"r{r}-sft-best", "sft", "rlhfkit.train.sft", "SFTConfig",
-                             {"model": policy, "train": str(bon / "best.jsonl"), **cfg.sft})
+                             {"model": policy, "train": str(bon / "best.jsonl"), **cfg.rl.get("sft", {})})
         else:
             module, cls = {"pg": ("rlhfkit.train.policy_gradient", "PGConfig"), "ppo": ("rlhfkit.train.ppo", "PPOConfig")}[
                 cfg.algorithm]

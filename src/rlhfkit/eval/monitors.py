@@ -82,7 +82,7 @@ class MonitorArgs:
     """Alarm when the mean repetition rate (repeated word 3-grams) of the latest window exceeds the first
     window's by this much."""
     kl_spike: float = 3.0
-    """Alarm when a step's KL exceeds this many times the median of the previous window (and 1 nat)."""
+    """Alarm when a step's KL exceeds this many times the median of the previous full window (and 1 nat)."""
     ood_alarm: float = 0.25
     """Alarm when more than this fraction of a step's samples are off the reward model's training distribution."""
     gold: str = ""
@@ -97,6 +97,12 @@ class Monitor:
     def __init__(self, args: MonitorArgs, run_dir: Path | None = None):
         self.args, self.run_dir = args, run_dir
         self.history: list[dict] = []
+
+    def restore(self, rows: list[dict]) -> None:
+        """Rebuild the history from a resumed run's logged metrics, so its alarms see the earlier steps."""
+        self.history = [{"step": r["step"], "score": r["score"], "kl": r["kl"],
+                         **{k.removeprefix("monitor/"): v for k, v in r.items() if k.startswith("monitor/")},
+                         **({"gold": r["gold"]} if "gold" in r else {})} for r in rows if "score" in r and "kl" in r]
 
     def window_mean(self, key: str, start: int, end: int) -> float | None:
         values = [h[key] for h in self.history[start:end] if h.get(key) is not None]
@@ -116,7 +122,7 @@ class Monitor:
                 out.append(f"repetition rate {last:.3f} over the last {w} steps (first {w}: {first:.3f}): "
                            "the policy may be looping")
         previous = [x["kl"] for x in h[-w - 1: -1]]
-        if previous:
+        if len(previous) == w:  # a full window, so the first steps' growth from KL = 0 is no spike
             median = statistics.median(previous)
             if now["kl"] > max(a.kl_spike * median, 1.0):
                 out.append(f"KL spike: {now['kl']:.2f} nats against a median {median:.2f} over the previous "

@@ -128,6 +128,7 @@ def run_eval(cfg: EvalPolicyConfig) -> dict:
     from rlhfkit.models import disable_dropout, load_causal_lm
     from rlhfkit.rollout.rewards import parse_reward
     from rlhfkit.run import Run
+    from rlhfkit.train.common import make_accelerator
     from rlhfkit.train.rl import Reference, encode_prompts
 
     if not (cfg.reward or cfg.gold):
@@ -137,22 +138,23 @@ def run_eval(cfg: EvalPolicyConfig) -> dict:
     policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
     disable_dropout(policy)
     policy.eval()
-    reference = Reference(policy, cfg.mixed_precision, cfg.reference)
+    accelerator = make_accelerator(cfg)  # the device and the bf16 autocast
+    policy.to(accelerator.device)
+    reference = Reference(policy, cfg.mixed_precision, cfg.reference).to(accelerator.device)
     if cfg.train:
         train, held, _ = load_train_eval(cfg, "prompt", print)
         records = held or train
     else:
         records = load_records(cfg.eval, kind="prompt", fields=cfg.fields, on_bad_record=cfg.on_bad_record).records
     held = encode_prompts(tokenizer, records[: cfg.eval_prompts], cfg, print)
-    rewards = {name: parse_reward(spec, cfg.reward_batch_size, cfg.max_length)
+    rewards = {name: parse_reward(spec, cfg.reward_batch_size, cfg.max_length, accelerator.device)
                for name, spec in (("reward", cfg.reward), ("gold", cfg.gold)) if spec}
     judge = None
     if cfg.judge_model or cfg.judge_url:
         from rlhfkit.feedback.judge import make_judge
 
         judge = make_judge(cfg.judge_model or "smollm2-135m-instruct", cfg.judge_url)
-    autocast = torch.autocast("cpu", torch.bfloat16) if cfg.mixed_precision == "bf16" else torch.autocast("cpu", enabled=False)
-    with autocast:
+    with accelerator.autocast():
         result = compare_policies(policy, reference, tokenizer, rewards, held, cfg, seed=cfg.seed + 7, judge=judge)
     (run.path / "eval.json").write_text(json.dumps(result, indent=2))
     print(summary_line(result))

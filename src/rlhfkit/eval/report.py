@@ -173,7 +173,8 @@ def section_alarms(path: Path) -> str:
     if len(alarms) > 30:
         out += f"<p>... and {len(alarms) - 30} more in alarms.jsonl</p>"
     if examples:
-        out += "<p>Off-distribution samples (the reward model had no data like these):</p><ul>" + "".join(
+        out += ("<p>Samples flagged off the reward model's training distribution (the detector's threshold is the 95% "
+                "quantile of held-out training responses, so about 5% of in-distribution samples are flagged too):</p><ul>") + "".join(
             f"<li>step {r['step']}: {esc(r['ood_example'])}</li>" for r in examples) + "</ul>"
     return out
 

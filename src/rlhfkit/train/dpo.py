@@ -135,15 +135,19 @@ def reference_logprobs(policy, reference: Reference, groups, pad_id: int, share_
 
 
 @torch.no_grad()
-def evaluate(model, reference, groups, cfg: DPOConfig, pad_id: int, accelerator) -> dict:
-    """Held-out loss and implicit-reward statistics (rewards/accuracies is the held-out preference accuracy)."""
+def evaluate(model, reference, groups, cfg: DPOConfig, pad_id: int, accelerator, ref_cache: dict) -> dict:
+    """Held-out loss and implicit-reward statistics (rewards/accuracies is the held-out preference accuracy).
+    The frozen reference's logprobs of each held-out chunk are computed on the first call and kept in
+    ``ref_cache`` for the later ones."""
     model.eval()
     policy = accelerator.unwrap_model(model)
     sums: dict = {}
     for idx in eval_chunks(groups, cfg.share_prefix, cfg.micro_batch_tokens, cfg.eval_batch_size):
         chunk = [groups[i] for i in idx]
-        ref = reference_logprobs(policy, reference, chunk, pad_id, cfg.share_prefix)
-        loss, stats = pair_loss(policy, chunk, ref, cfg, pad_id)
+        key = tuple(idx)
+        if key not in ref_cache:
+            ref_cache[key] = reference_logprobs(policy, reference, chunk, pad_id, cfg.share_prefix)
+        loss, stats = pair_loss(policy, chunk, ref_cache[key], cfg, pad_id)
         for k, v in {"loss": loss, **stats}.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         if accelerator.device.type == "cpu":
@@ -173,7 +177,7 @@ def train(cfg: DPOConfig):
             f"{cfg.reference or ('adapter off' if reference.copy is None else 'frozen copy')}; "
             f"{len(train_set)} train / {len(eval_set)} held-out pairs")
 
-        cached = None
+        cached, eval_ref = None, {}
         if cfg.precompute_ref:  # 2. (once) the reference's logprobs of every training pair, cached in the run
             path = run.path / "reference_logps.pt"
             if path.is_file():
@@ -188,7 +192,7 @@ def train(cfg: DPOConfig):
                     torch.save(cached, path)
         if not start and eval_set:
             with accelerator.autocast():
-                before = evaluate(model, reference, eval_set, cfg, pad_id, accelerator)
+                before = evaluate(model, reference, eval_set, cfg, pad_id, accelerator, eval_ref)
             run.log(0, **{f"eval_{k}": v for k, v in before.items()})
             log(f"step 0: held-out loss {before['loss']:.4f}, rewards/accuracies {before['rewards/accuracies']:.3f}")
 
@@ -222,7 +226,7 @@ def train(cfg: DPOConfig):
             if eval_set and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 with accelerator.autocast():
                     metrics.update({f"eval_{k}": v for k, v in evaluate(model, reference, eval_set, cfg, pad_id,
-                                                                       accelerator).items()})
+                                                                       accelerator, eval_ref).items()})
             run.log(step + 1, **metrics)
             if accelerator.is_main_process and cfg.progress:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
@@ -232,8 +236,10 @@ def train(cfg: DPOConfig):
         summary = {"steps": steps}
         if eval_set:
             with accelerator.autocast():
-                after = evaluate(model, reference, eval_set, cfg, pad_id, accelerator)
+                after = evaluate(model, reference, eval_set, cfg, pad_id, accelerator, eval_ref)
             summary.update({f"eval_{k}": v for k, v in after.items()})
+            if not (cfg.eval_every and steps % cfg.eval_every == 0):  # the curves' last eval point
+                run.log(steps, **{f"eval_{k}": v for k, v in after.items()})
             log(f"held-out after training: loss {after['loss']:.4f}, rewards/accuracies {after['rewards/accuracies']:.3f}, "
                 f"margins {after['rewards/margins']:.4f}")
         from rlhfkit.train.rl import plot_curves

@@ -399,12 +399,14 @@ def train(cfg: RMConfig) -> Run:
             log("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k != "steps"))
         unwrapped = accelerator.unwrap_model(rm)
         if cfg.normalize_on:
-            summary["reward_bias"] = normalize_bias(unwrapped, tokenizer, cfg)
+            with accelerator.autocast():  # frozen layers may be stored in bf16
+                summary["reward_bias"] = normalize_bias(unwrapped, tokenizer, cfg)
             log(f"reward bias {summary['reward_bias']:.4f}: {cfg.normalize_on} now scores 0 on average")
 
         detector = None
         if cfg.ood_fit and num_labels(cfg) == 1 and cfg.kind != "orm" and accelerator.is_main_process:
-            detector = fit_ood(unwrapped, tokenizer, records, cfg)
+            with accelerator.autocast():
+                detector = fit_ood(unwrapped, tokenizer, records, cfg)
             log(f"OOD detector: fitted on {detector.n_fit} training responses, threshold {detector.threshold:.1f} "
                 f"(the {detector.quantile:.0%} quantile of held-out training responses)")
 

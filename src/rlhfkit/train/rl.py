@@ -312,6 +312,7 @@ def prepare_rl(s: RLSetup, cfg, model):
     updates = s.steps * cfg.ppo_epochs * cfg.num_minibatches
     model, optimizer, scheduler, start = prepare_optimisation(s.accelerator, s.run, cfg, model, updates, s.log)
     s.reference.to(s.accelerator.device)
+    s.monitor.restore(s.run.metrics())  # on resume: the steps before the checkpoint
     return model, optimizer, scheduler, start, s.accelerator.unwrap_model(model)
 
 
