@@ -6,7 +6,6 @@ of the policy with its reference, and the curves. Each algorithm's loop stays in
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -218,34 +217,18 @@ def response_stats(rollout: Rollout) -> dict:
 
 
 def plot_curves(metrics_path, png_path, keys: list[str], title: str = "") -> bool:
-    """One small panel per metric over steps, from metrics.jsonl. False when matplotlib is missing."""
-    import json
+    """One small panel per metric over steps, from metrics.jsonl (the report's plot_series). False when
+    matplotlib is missing or there is nothing to draw."""
+    from pathlib import Path
 
     try:
-        import matplotlib
+        from rlhfkit.eval.report import plot_series, rows_of
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        png_path = Path(png_path)
+        return plot_series(rows_of(Path(metrics_path)), [(k, k) for k in keys], png_path.parent, png_path.name,
+                           title) is not None
     except ImportError:
         return False
-    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
-    keys = [k for k in keys if any(k in r for r in rows)]
-    cols = 3
-    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4 * cols, 2.6 * math.ceil(len(keys) / cols)),
-                             squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], ".-", ms=3)
-        ax.set_title(key, fontsize=9)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
-    plt.close(fig)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
