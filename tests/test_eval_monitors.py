@@ -102,12 +102,30 @@ OFF_DISTRIBUTION_LANGUAGE = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="acceptance not met yet (measured: 18.7% of in-distribution HH responses flagged, "
-                   "53% of other-language texts); calibration split by response, not by prompt, is the first suspect")
+def test_ood_detector_keeps_a_group_in_one_fold():
+    """Cross-fitting by group: 60 prompts in 64 dimensions with two near-identical answers each (noise
+    0.01 around a per-prompt point). Split by response, each held-out answer's twin sits in the fit,
+    which has about as many points as dimensions and so places the twin close: the held-out distances
+    come out small, the threshold too low, and 41% of fresh prompts from the same distribution get
+    flagged. Split by prompt, under 5% are (0.75%: with so few points per dimension the cross-fitted
+    threshold errs on the safe side)."""
+    from rlhfkit.eval.monitors import OODDetector
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(60, 64, generator=g)
+    twins = centres.repeat_interleave(2, 0) + 0.01 * torch.randn(120, 64, generator=g)
+    fresh = torch.randn(400, 64, generator=g)
+    by_prompt = OODDetector.fit(twins, groups=[i // 2 for i in range(120)]).flag(fresh).float().mean().item()
+    by_response = OODDetector.fit(twins).flag(fresh).float().mean().item()
+    assert by_prompt < 0.05 and by_response > 0.3
+
+
 def test_ood_detector_on_rm_features_separates_off_distribution_text(bundled_reward_features):
     """The acceptance check, on the bundled model's features (the RM backbone): fitted on 400
-    HH-RLHF responses, it flags at most 10% of 150 held-out HH responses and at least 90% of 90 clearly
-    off-distribution texts (random tokens, Python source, other languages). The two rates are printed."""
+    HH-RLHF responses (200 prompts), it flags at most 10% of 150 held-out HH responses and at least 90%
+    of 90 clearly off-distribution texts (random tokens, Python source, other languages). The rates are
+    printed. With the last-token feature and a full covariance this failed (18.7% in, 53% of the
+    other-language texts out)."""
     inside, outside, det = bundled_reward_features
     flagged_in = det.flag(inside).float().mean().item()
     flagged_out = {k: det.flag(v).float().mean().item() for k, v in outside.items()}
@@ -128,19 +146,23 @@ def bundled_reward_features():
 
     records = load_records(str(shared("hh-rlhf/harmless-base-test.jsonl.gz")), kind="preference").records
     rm, tok = load_reward_model("smollm2-135m-instruct")
-    prompts, responses = ood_texts(records[:200])
-    rest_p, rest_r = ood_texts(records[1000:1075])
-    fit = embed(rm, tok, prompts, responses, batch_size=16, max_length=256)
-    det = OODDetector.fit(fit)
-    inside = embed(rm, tok, rest_p, rest_r, batch_size=16, max_length=256)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)  # as `rm train --mixed-precision bf16` fits it
+    prompts, responses, groups = ood_texts(records[:200])
+    rest_p, rest_r, _ = ood_texts(records[1000:1075])
+    with autocast:
+        fit = embed(rm, tok, prompts, responses, batch_size=16, max_length=256)
+    det = OODDetector.fit(fit, groups=groups)
+    with autocast:
+        inside = embed(rm, tok, rest_p, rest_r, batch_size=16, max_length=256)
     rng = random.Random(0)
     user = [[{"role": "user", "content": r.prompt[-1]["content"]}] for r in records[2000:2030]]
     code_lines = [line.strip() for line in inspect.getsource(_json.decoder).splitlines() if len(line.strip()) > 30]
     code = ["\n".join(code_lines[i: i + 4]) for i in range(0, 120, 4)]
     noise = [tok.decode([rng.randrange(1000, len(tok) - 1) for _ in range(40)]) for _ in range(30)]
-    outside = {name: embed(rm, tok, user[: len(texts)], texts, batch_size=16, max_length=256)
-               for name, texts in (("random tokens", noise), ("python code", code),
-                                   ("other languages", OFF_DISTRIBUTION_LANGUAGE * 3))}
+    with autocast:
+        outside = {name: embed(rm, tok, user[: len(texts)], texts, batch_size=16, max_length=256)
+                   for name, texts in (("random tokens", noise), ("python code", code),
+                                       ("other languages", OFF_DISTRIBUTION_LANGUAGE * 3))}
     return inside, outside, det
 
 

@@ -33,6 +33,23 @@ def test_score_independent_of_padding_side_and_batch_size():
         assert vals == pytest.approx(base, abs=1e-5), key
 
 
+def test_score_and_embed_reads_the_reward_and_the_response_mean_in_one_pass():
+    """``score_and_embed`` gives the same rewards as ``score``, and features equal to the mean of the last
+    hidden state over exactly the response tokens of a lone ``prompt + response`` pass (the prompt and
+    the padding of a batch of 8 do not enter)."""
+    from rlhfkit.models.reward import score_and_embed
+
+    rm, tok = load_reward_model("tiny", seed=0)
+    rewards, features = score_and_embed(rm, tok, PROMPTS, ANSWERS, batch_size=8)
+    assert rewards.tolist() == pytest.approx(score(rm, tok, PROMPTS, ANSWERS, batch_size=8), abs=1e-5)
+    for i in (0, 5):
+        p, r = encode_prompt(tok, PROMPTS[i]), encode_response(tok, ANSWERS[i], PROMPTS[i])
+        with torch.no_grad():
+            hidden = rm.hidden(torch.tensor([p + r]), torch.ones(1, len(p) + len(r), dtype=torch.long))
+        torch.testing.assert_close(features[i], hidden[0, len(p):].mean(0), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(features[i], hidden[0].mean(0), atol=1e-3)
+
+
 def test_prefix_sharing_equals_full_forward(tokenizer):
     """Packing a prompt once with both responses gives every response token the scores of a full
     ``prompt + response`` pass, and gradients flow through the shared prompt."""

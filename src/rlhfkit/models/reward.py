@@ -77,20 +77,27 @@ class RewardModel(nn.Module):
 
         ``attention_mask`` is a (B, T) padding mask, or the (B, 1, T, T) boolean mask of rows
         packed by :func:`pack_shared_prefix` (then pass its ``position_ids``)."""
-        backbone, head = self._parts()
+        return self._head(self.hidden(input_ids, attention_mask, position_ids))
+
+    def hidden(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        """The backbone's last hidden state, the head's input: (B, T, d)."""
+        backbone, _ = self._parts()
         if position_ids is None:
             position_ids = _positions(attention_mask)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
-        scores = head(hidden)
+        return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False).last_hidden_state
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        scores = self._parts()[1](hidden)
         return scores - self.bias if self.bias else scores
 
-    def pooled_hidden(self, input_ids, attention_mask) -> torch.Tensor:
-        """The backbone's last hidden state at the last non-pad token: (B, d), the head's input."""
-        backbone, _ = self._parts()
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
-                          use_cache=False).last_hidden_state
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    def pooled_and_embedded(self, input_ids, attention_mask, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass, two readings: the reward at the last non-pad token, (B,), and the mean of the last
+        hidden state over the response tokens, (B, d): the features the OOD monitor compares."""
+        hidden = self.hidden(input_ids, attention_mask)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        w = response_mask.to(hidden.dtype).unsqueeze(-1)
+        return self._head(last).squeeze(-1), (hidden * w).sum(1) / w.sum(1).clamp(min=1)
 
     def pooled(self, input_ids, attention_mask) -> torch.Tensor:
         """Outputs at the last non-pad token: (B, num_labels); (B,) when num_labels is 1."""
@@ -183,21 +190,28 @@ def save_reward_model(model: RewardModel | nn.Module, tokenizer, folder, state_d
 def encode_pairs(tokenizer, prompts: list[list[dict]], responses: list, max_length: int) -> list[list[int]]:
     """Token ids of each (prompt, response) as the reward model reads it; pairs longer than
     ``max_length`` lose their oldest prompt tokens."""
+    return _encode_pairs(tokenizer, prompts, responses, max_length)[0]
+
+
+def _encode_pairs(tokenizer, prompts, responses, max_length: int) -> tuple[list[list[int]], list[int]]:
+    """:func:`encode_pairs` and the number of response tokens at the end of each sequence."""
     from rlhfkit.data.template import encode_prompt, encode_response, truncate
 
-    seqs = []
+    seqs, n_response = [], []
     for p, r in zip(prompts, responses):
         resp = encode_response(tokenizer, r, p)[-(max_length - 1):]
         seqs.append(truncate(encode_prompt(tokenizer, p), resp, max_length, "prompt_left").input_ids)
-    return seqs
+        n_response.append(min(len(resp), len(seqs[-1])))
+    return seqs, n_response
 
 
 @torch.no_grad()
 def _pooled_batches(model: RewardModel, tokenizer, prompts, responses, batch_size: int, max_length: int, side: str,
                     read):
-    """``read(model, ids, mask)`` on each batch of encoded pairs, in eval mode; results concatenated."""
+    """``read(model, ids, mask, response_mask)`` on each batch of encoded pairs, in eval mode; results
+    (a tensor or a tuple of tensors) concatenated."""
     device = next(model.parameters()).device
-    seqs = encode_pairs(tokenizer, prompts, responses, max_length)
+    seqs, n_response = _encode_pairs(tokenizer, prompts, responses, max_length)
     out = []
     was_training = model.training
     model.eval()
@@ -205,9 +219,15 @@ def _pooled_batches(model: RewardModel, tokenizer, prompts, responses, batch_siz
         chunk = seqs[i: i + batch_size]
         ids = pad(chunk, tokenizer.pad_token_id, side).to(device)
         mask = pad([[1] * len(s) for s in chunk], 0, side).to(device)
-        out.append(read(model, ids, mask).float().cpu())
+        response = pad([[0] * (len(s) - n) + [1] * n for s, n in zip(chunk, n_response[i: i + batch_size])], 0,
+                       side).to(device)
+        got = read(model, ids, mask, response)
+        out.append(tuple(t.float().cpu() for t in got) if isinstance(got, tuple) else (got.float().cpu(),))
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    if not out:
+        return torch.zeros(0)
+    cat = tuple(torch.cat(parts) for parts in zip(*out))
+    return cat if len(cat) > 1 else cat[0]
 
 
 def score(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list, batch_size: int = 8,
@@ -216,13 +236,23 @@ def score(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: l
     multi-turn dialogue is scored); a response is a string or a list of further messages.
     Pairs longer than ``max_length`` lose their oldest prompt tokens."""
     return _pooled_batches(model, tokenizer, prompts, responses, batch_size, max_length, side,
-                           lambda m, ids, mask: m.pooled(ids, mask)).tolist()
+                           lambda m, ids, mask, response: m.pooled(ids, mask)).tolist()
+
+
+def score_and_embed(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list, batch_size: int = 8,
+                    max_length: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards (N,) and OOD features (N, d) from one forward pass per batch.
+
+    The features are the mean of the backbone's last hidden state over the response tokens, the
+    mean-pooled embedding Ren et al. (2023, *Out-of-distribution detection and selective generation
+    for conditional language models*) found best for Mahalanobis OOD detection with language models.
+    The hidden state at the scoring token alone says little about what was read: on the bundled
+    model it let through half of the non-English texts."""
+    return _pooled_batches(model, tokenizer, prompts, responses, batch_size, max_length, "right",
+                           lambda m, ids, mask, response: m.pooled_and_embedded(ids, mask, response))
 
 
 def embed(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list, batch_size: int = 8,
           max_length: int = 1024) -> torch.Tensor:
-    """The backbone's last hidden state at the token the reward is read from: (N, d) in fp32. These are
-    the features the head sees, so distances in this space say how familiar a text is to the RM
-    (the OOD monitor's input)."""
-    return _pooled_batches(model, tokenizer, prompts, responses, batch_size, max_length, "right",
-                           lambda m, ids, mask: m.pooled_hidden(ids, mask))
+    """The OOD features of :func:`score_and_embed`: (N, d) in fp32."""
+    return score_and_embed(model, tokenizer, prompts, responses, batch_size, max_length)[1]

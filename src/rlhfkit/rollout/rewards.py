@@ -24,7 +24,6 @@ import urllib.request
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import torch
 import yaml
 
 # ---------------------------------------------------------------------------------------------
@@ -179,17 +178,15 @@ class ModelReward:
         self.last_ood = None
 
     def __call__(self, prompts, responses, meta) -> list[float]:
-        from rlhfkit.models.reward import embed, score
+        from rlhfkit.models.reward import score, score_and_embed
 
         if self.ood is None or self.model.num_labels != 1:
             return score(self.model, self.tokenizer, prompts, responses, batch_size=self.batch_size,
                          max_length=self.max_length)
-        features = embed(self.model, self.tokenizer, prompts, responses, self.batch_size, self.max_length)
+        rewards, features = score_and_embed(self.model, self.tokenizer, prompts, responses, self.batch_size,
+                                            self.max_length)
         self.last_ood = self.ood.flag(features)
-        head = self.model._parts()[1]
-        with torch.no_grad():
-            out = head(features.to(head.weight.device, head.weight.dtype)).squeeze(-1).float() - self.model.bias
-        return out.cpu().tolist()
+        return rewards.tolist()
 
 
 def post_json(url: str, payload: dict, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,

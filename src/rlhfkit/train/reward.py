@@ -408,7 +408,8 @@ def train(cfg: RMConfig) -> Run:
             with accelerator.autocast():
                 detector = fit_ood(unwrapped, tokenizer, records, cfg)
             log(f"OOD detector: fitted on {detector.n_fit} training responses, threshold {detector.threshold:.1f} "
-                f"(the {detector.quantile:.0%} quantile of held-out training responses)")
+                f"(the {detector.quantile:.0%} quantile of cross-fitted training responses)" if detector else
+                "OOD detector: too few training prompts to fit one (at least 10 are needed)")
 
         def save(folder):
             if accelerator.is_main_process:
@@ -423,17 +424,20 @@ def train(cfg: RMConfig) -> Run:
 
 
 def fit_ood(rm, tokenizer, records, cfg: RMConfig):
-    """The OOD detector on the trained RM's features of up to ``cfg.ood_fit`` training responses."""
+    """The OOD detector on the trained RM's features of up to ``cfg.ood_fit`` training responses (None
+    with fewer than 10 training prompts: too few to cross-fit a threshold)."""
     import random
 
     from rlhfkit.eval.monitors import OODDetector, ood_texts
     from rlhfkit.models.reward import embed
 
-    prompts, responses = ood_texts(records)
+    prompts, responses, groups = ood_texts(records)
+    if len(set(groups)) < 10:
+        return None
     keep = sorted(random.Random(cfg.seed).sample(range(len(responses)), min(cfg.ood_fit, len(responses))))
     features = embed(rm, tokenizer, [prompts[i] for i in keep], [responses[i] for i in keep],
                      batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
-    return OODDetector.fit(features, seed=cfg.seed)
+    return OODDetector.fit(features, groups=[groups[i] for i in keep], seed=cfg.seed)
 
 
 def normalize_bias(rm, tokenizer, cfg: RMConfig) -> float:
