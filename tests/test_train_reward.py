@@ -125,6 +125,9 @@ def test_orm_and_prm_eval_on_real_data_formats(tmp_path):
     prm = evaluate(RMEvalConfig(model="tiny", data=str(bbm), kind="prm", fields="prompt=input", eval_size=10))
     assert prm["n_traces"] == 10 and 0 <= prm["first_wrong_step_accuracy"] <= 1
     assert set(prm["baselines"]) == {"no_mistake", "last_step"}
+    fast = evaluate(RMEvalConfig(model="tiny", data=str(gsm), kind="orm", eval_size=20, split_by="question_id",
+                                 mixed_precision="bf16"))
+    assert fast["auc"] == pytest.approx(orm["auc"], abs=0.05)  # bf16 scores: the same ranking, give or take ties
 
 
 def test_token_budget_micro_batches_train_the_same(tmp_path):

@@ -55,6 +55,8 @@ class RMEvalConfig:
     """Maximum tokens of prompt plus response."""
     batch_size: int = 16
     """Groups per forward pass."""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """'bf16': score under bf16 autocast (about 3x faster on a CPU with AMX; rewards differ in the third digit)."""
     seed: int = 0
     """Seed of the head when --model is a causal LM (an untrained reward head)."""
     output: str = ""
@@ -166,9 +168,12 @@ def evaluate(cfg: RMEvalConfig) -> dict:
     rm, tokenizer = load_reward_model(cfg.model, num_labels=3 if cfg.kind == "prm" else 1, seed=cfg.seed)
     rcfg = RMConfig(kind=cfg.kind, max_length=cfg.max_length)
     groups, report = encode_groups(records, rcfg.kind, tokenizer, rcfg.max_length)
-    scores = group_scores(rm, groups, rcfg, tokenizer.pad_token_id, cfg.batch_size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rm.to(device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+        scores = group_scores(rm, groups, rcfg, tokenizer.pad_token_id, cfg.batch_size)
     result = {"model": cfg.model, "data": cfg.data, "kind": cfg.kind, "eval_size": cfg.eval_size,
-              "split_seed": cfg.split_seed, "truncation": report}
+              "split_seed": cfg.split_seed, "mixed_precision": cfg.mixed_precision, "truncation": report}
     result.update(EVALUATORS[cfg.kind](groups, scores, records, cfg))
     return result
 
