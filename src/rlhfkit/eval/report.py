@@ -174,7 +174,7 @@ def section_alarms(path: Path) -> str:
         out += f"<p>... and {len(alarms) - 30} more in alarms.jsonl</p>"
     if examples:
         out += ("<p>Samples flagged off the reward model's training distribution (the detector's threshold is the 95% "
-                "quantile of held-out training responses, so about 5% of in-distribution samples are flagged too):</p><ul>") + "".join(
+                "quantile of cross-fitted training responses, so about 5% of in-distribution samples are flagged too):</p><ul>") + "".join(
             f"<li>step {r['step']}: {esc(r['ood_example'])}</li>" for r in examples) + "</ul>"
     return out
 

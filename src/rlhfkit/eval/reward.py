@@ -168,9 +168,11 @@ def evaluate(cfg: RMEvalConfig) -> dict:
     rm, tokenizer = load_reward_model(cfg.model, num_labels=3 if cfg.kind == "prm" else 1, seed=cfg.seed)
     rcfg = RMConfig(kind=cfg.kind, max_length=cfg.max_length)
     groups, report = encode_groups(records, rcfg.kind, tokenizer, rcfg.max_length)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rm.to(device)
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+    from rlhfkit.train.common import make_accelerator
+
+    accelerator = make_accelerator(cfg)  # the device and the bf16 autocast, as in training
+    rm.to(accelerator.device)
+    with accelerator.autocast():
         scores = group_scores(rm, groups, rcfg, tokenizer.pad_token_id, cfg.batch_size)
     result = {"model": cfg.model, "data": cfg.data, "kind": cfg.kind, "eval_size": cfg.eval_size,
               "split_seed": cfg.split_seed, "mixed_precision": cfg.mixed_precision, "truncation": report}

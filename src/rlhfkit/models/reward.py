@@ -208,8 +208,8 @@ def _encode_pairs(tokenizer, prompts, responses, max_length: int) -> tuple[list[
 @torch.no_grad()
 def _pooled_batches(model: RewardModel, tokenizer, prompts, responses, batch_size: int, max_length: int, side: str,
                     read):
-    """``read(model, ids, mask, response_mask)`` on each batch of encoded pairs, in eval mode; results
-    (a tensor or a tuple of tensors) concatenated."""
+    """``read(model, ids, mask, response_mask)`` (a tuple of tensors) on each batch of encoded pairs, in
+    eval mode; each output concatenated over the batches."""
     device = next(model.parameters()).device
     seqs, n_response = _encode_pairs(tokenizer, prompts, responses, max_length)
     out = []
@@ -221,13 +221,9 @@ def _pooled_batches(model: RewardModel, tokenizer, prompts, responses, batch_siz
         mask = pad([[1] * len(s) for s in chunk], 0, side).to(device)
         response = pad([[0] * (len(s) - n) + [1] * n for s, n in zip(chunk, n_response[i: i + batch_size])], 0,
                        side).to(device)
-        got = read(model, ids, mask, response)
-        out.append(tuple(t.float().cpu() for t in got) if isinstance(got, tuple) else (got.float().cpu(),))
+        out.append([t.float().cpu() for t in read(model, ids, mask, response)])
     model.train(was_training)
-    if not out:
-        return torch.zeros(0)
-    cat = tuple(torch.cat(parts) for parts in zip(*out))
-    return cat if len(cat) > 1 else cat[0]
+    return tuple(torch.cat(parts) for parts in zip(*out)) if out else (torch.zeros(0), torch.zeros(0))
 
 
 def score(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list, batch_size: int = 8,
@@ -236,7 +232,7 @@ def score(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: l
     multi-turn dialogue is scored); a response is a string or a list of further messages.
     Pairs longer than ``max_length`` lose their oldest prompt tokens."""
     return _pooled_batches(model, tokenizer, prompts, responses, batch_size, max_length, side,
-                           lambda m, ids, mask, response: m.pooled(ids, mask)).tolist()
+                           lambda m, ids, mask, response: (m.pooled(ids, mask),))[0].tolist()
 
 
 def score_and_embed(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list, batch_size: int = 8,
