@@ -46,6 +46,20 @@ def test_per_prompt_pairs_hand_value():
     assert close(per_prompt_pairs(rewards, mask), (0.251151 + 1.313262) / 2, 1e-5)
 
 
+def test_per_prompt_pairs_with_correctness_labels():
+    """Outcome labels [1, 0, 1, 0] and rewards [0, 1, 2, -1]: the pairs are correct over wrong, (0,1), (0,3),
+    (2,1), (2,3), with differences -1, 1, 1, 3; the two correct ones, and the two wrong ones, are not
+    compared. L = (log(1+e^1) + 2 log(1+e^-1) + log(1+e^-3)) / 4 = (1.313262 + 0.626523 + 0.048587) / 4
+    = 0.497093. A prompt whose solutions are all wrong has no pair and adds 0: the mean over both is 0.248547.
+    Labels that order the completions best first give the unlabelled loss."""
+    rewards = T([[0.0, 1.0, 2.0, -1.0], [3.0, 1.0, 0.0, 2.0]])
+    labels = T([[1, 0, 1, 0], [0, 0, 0, 0]])
+    assert close(per_prompt_pairs(rewards[:1], labels=labels[:1]), 0.497093, 1e-5)
+    assert close(per_prompt_pairs(rewards, labels=labels), 0.497093 / 2, 1e-5)
+    ordered = T([[2.0, 1.0, 0.0]])
+    assert close(per_prompt_pairs(ordered, labels=T([[3, 2, 1]])), per_prompt_pairs(ordered))
+
+
 def test_plackett_luce_hand_value_and_k2_equals_bt():
     """K=3 rewards [2, 1, 0]: -log P = -(2 - log(e^2+e^1+e^0)) - (1 - log(e^1+e^0)) - 0
     = log(e^2+e+1) - 2 + log(e+1) - 1 = 2.407606 - 2 + 1.313262 - 1 = 0.720868."""

@@ -38,6 +38,46 @@ def test_shared_prefix_packing_gives_the_same_loss(tmp_path, kind):
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
+def test_orm_solutions_of_one_question_form_one_group_with_the_ranking_term(tmp_path):
+    """Five solutions to two questions become two groups (solutions and labels in record order). The
+    loss of the packed groups is the token BCE plus coef x the pairs term over each question's (correct,
+    wrong) pairs, all recomputed from each solution scored on its own row."""
+    import torch
+
+    from rlhfkit.losses.preference import per_prompt_pairs
+    from rlhfkit.data.template import encode_prompt
+    from rlhfkit.train.reward import encode_steps
+
+    sols = [("Q one?", ["1 + 1 = 2", "So 2."], True), ("Q two is longer?", ["3"], False), ("Q one?", ["1 + 1 = 3"], False),
+            ("Q two is longer?", ["4", "So 4."], True), ("Q one?", ["It is 2."], True)]
+    path = write_jsonl(tmp_path / "o.jsonl", [{"prompt": p, "steps": s, "correct": c} for p, s, c in sols])
+    records = load_records(path).records
+    rm, tok = load_reward_model("tiny")
+    cfg = RMConfig(kind="orm", max_length=64, orm_rank_coef=0.5)
+    groups, _ = encode_groups(records, "orm", tok, cfg.max_length, merge=True)
+    assert [len(g.responses) for g in groups] == [3, 2] and [g.targets for g in groups] == [[1, 0, 1], [0, 1]]
+    loss, stat = LOSSES["orm"](rm, groups, cfg, {"pad_id": tok.pad_token_id})
+
+    # each solution on its own row: eq. 20 over its solution tokens, and its final score
+    bce_num, bce_den, finals = 0.0, 0, []
+    for r in records:
+        ids, _ = encode_steps(tok, r.steps)
+        seq = encode_prompt(tok, r.prompt)
+        full = torch.tensor([seq + ids])
+        z = rm(full, torch.ones_like(full))[0, len(seq):, 0]
+        target = torch.full_like(z, float(r.correct))
+        bce_num += torch.nn.functional.binary_cross_entropy_with_logits(z, target, reduction="sum")
+        bce_den += len(ids)
+        finals.append(z[-1])
+    f = torch.stack(finals)
+    rewards = torch.stack([torch.stack([f[0], f[2], f[4]]), torch.stack([f[1], f[3], f[3]])])
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    expected = bce_num / bce_den + 0.5 * per_prompt_pairs(rewards, mask, labels=labels)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert stat["n"] == 5.0
+
+
 def test_pairwise_training_learns_and_saves_hf_format(tmp_path):
     from transformers import AutoModelForSequenceClassification
 

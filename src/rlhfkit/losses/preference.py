@@ -31,7 +31,8 @@ def margin_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.
     return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
 
 
-def per_prompt_pairs(rewards: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def per_prompt_pairs(rewards: torch.Tensor, mask: torch.Tensor | None = None,
+                     labels: torch.Tensor | None = None) -> torch.Tensor:
     """All C(K,2) comparisons of one prompt as one batch element (seed 002 eq. 18; InstructGPT,
     Ouyang et al. 2022 §3.5):
 
@@ -41,14 +42,17 @@ def per_prompt_pairs(rewards: torch.Tensor, mask: torch.Tensor | None = None) ->
     so a prompt with many pairs does not dominate the epoch or over-fit.
 
     rewards: (B, K) ordered best first; mask: (B, K) true for real completions (prompts may have
-    different K). Returns the mean of L(x) over the B prompts.
+    different K). With ``labels`` (B, K), graded rather than ordered completions (e.g. an outcome RM's
+    correct 1 / wrong 0), the pairs are every (i, j) with label_i > label_j, and C(K,2) becomes their
+    count; completions with equal labels are not compared. Returns the mean of L(x) over the B
+    prompts (a prompt without a pair adds 0).
     """
     if mask is None:
         mask = torch.ones_like(rewards, dtype=torch.bool)
+    if labels is None:  # ordered best first
+        labels = -torch.arange(rewards.shape[1], device=rewards.device).expand_as(rewards)
     diff = rewards[:, :, None] - rewards[:, None, :]  # (B, K, K): r_i - r_j
-    k = rewards.shape[1]
-    upper = torch.ones(k, k, dtype=torch.bool, device=rewards.device).triu(1)
-    pair = upper & mask[:, :, None] & mask[:, None, :]
+    pair = (labels[:, :, None] > labels[:, None, :]) & mask[:, :, None] & mask[:, None, :]
     n_pairs = pair.sum((1, 2)).clamp(min=1)
     per_prompt = -(F.logsigmoid(diff) * pair).sum((1, 2)) / n_pairs
     return per_prompt.mean()

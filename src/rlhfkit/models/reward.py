@@ -209,21 +209,28 @@ def _encode_pairs(tokenizer, prompts, responses, max_length: int) -> tuple[list[
 def _pooled_batches(model: RewardModel, tokenizer, prompts, responses, batch_size: int, max_length: int, side: str,
                     read):
     """``read(model, ids, mask, response_mask)`` (a tuple of tensors) on each batch of encoded pairs, in
-    eval mode; each output concatenated over the batches."""
+    eval mode; each output concatenated in the order of the pairs. Batches are cut from the pairs
+    sorted by length, so a batch pads to little more than its own length (on HH-RLHF responses that
+    halves the time)."""
     device = next(model.parameters()).device
     seqs, n_response = _encode_pairs(tokenizer, prompts, responses, max_length)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = []
     was_training = model.training
     model.eval()
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i: i + batch_size]
+    for i in range(0, len(order), batch_size):
+        chunk = [seqs[j] for j in order[i: i + batch_size]]
         ids = pad(chunk, tokenizer.pad_token_id, side).to(device)
         mask = pad([[1] * len(s) for s in chunk], 0, side).to(device)
-        response = pad([[0] * (len(s) - n) + [1] * n for s, n in zip(chunk, n_response[i: i + batch_size])], 0,
-                       side).to(device)
+        response = pad([[0] * (len(s) - n_response[j]) + [1] * n_response[j] for s, j in
+                        zip(chunk, order[i: i + batch_size])], 0, side).to(device)
         out.append([t.float().cpu() for t in read(model, ids, mask, response)])
     model.train(was_training)
-    return tuple(torch.cat(parts) for parts in zip(*out)) if out else (torch.zeros(0), torch.zeros(0))
+    if not out:
+        return torch.zeros(0), torch.zeros(0)
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))
+    return tuple(torch.cat(parts)[back] for parts in zip(*out))
 
 
 def score(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list, batch_size: int = 8,

@@ -9,7 +9,8 @@ pairwise   Preference (+ margin)         Bradley-Terry, or margin loss when reco
                                          + centring aux loss with --center-coef
 ranking    Ranking (K responses)         all C(K,2) pairs per prompt (eq. 18) or Plackett-Luce (eq. 19)
 rating     Rating                        regression on the standardised rating, or bad/mid/good classes
-orm        StepSolution with `correct`   token-level BCE on completion tokens (eq. 20)
+orm        StepSolution with `correct`   token-level BCE on completion tokens (eq. 20); a prompt's
+                                         solutions form one group, with --orm-rank-coef a ranking term
 prm        StepSolution with labels      3-class CE at the last token of each step (eq. 21)
 =========  ============================  ==============================================================
 
@@ -76,6 +77,11 @@ class RMConfig(RunArgs, OptimArgs, DataArgs, ModelArgs):
     rating_high: float = 5.0
     """Classification: ratings above this are 'good'."""
     center_coef: float = 0.0
+    orm_rank_coef: float = 0.0
+    """ORM: weight of a ranking term added to the token-level BCE: Bradley-Terry over every (correct, wrong)
+    pair of solutions to the same prompt (eq. 18 with correctness as the grade). The BCE learns how
+    likely a solution is right, question difficulty included; best-of-n only needs the order of one
+    question's solutions, which this term trains directly."""
     """Weight of the reward-centring loss mean((r_c + r_r)^2) (Eisenstein et al. 2023; 0.01 is typical)."""
     share_prefix: bool = True
     """Pack each prompt once with all its responses in one row (a tree attention mask keeps them apart)."""
@@ -102,7 +108,8 @@ class Group:
 
     prompt: list[int]
     responses: list[list[int]]
-    target: float | None = None  # margin (pairwise), rating, or correctness (orm)
+    target: float | None = None  # margin (pairwise) or rating
+    targets: list[float] = field(default_factory=list)  # orm: correctness of each response
     step_ends: list[int] = field(default_factory=list)  # prm: index in the response of each step's last token
     step_labels: list[int] = field(default_factory=list)  # prm: class per step (-100: unlabelled)
     source: str = ""
@@ -126,8 +133,8 @@ def encode_steps(tokenizer, steps: list[str]) -> tuple[list[int], list[int]]:
     return ids + [tokenizer.eos_token_id], ends
 
 
-def to_group(record, kind: str, tokenizer, max_length: int) -> Group:
-    """Encode one record and fit it into ``max_length`` tokens (see :func:`fit`)."""
+def to_group(record, kind: str, tokenizer) -> Group:
+    """Encode one record."""
     prompt = encode_prompt(tokenizer, record.prompt)
     g = Group(prompt=prompt, responses=[], source=record.source, subset=record.subset, prompt_tokens=len(prompt))
     if kind == "pairwise":
@@ -141,9 +148,9 @@ def to_group(record, kind: str, tokenizer, max_length: int) -> Group:
     else:
         ids, ends = encode_steps(tokenizer, record.steps)
         g.responses = [ids]
-        g.target = None if record.correct is None else float(record.correct)
+        g.targets = [] if record.correct is None else [float(record.correct)]
         g.step_ends, g.step_labels = ends, [step_label_class(x) for x in record.labels]
-    return fit(g, max_length)
+    return g
 
 
 MIN_PROMPT = 16
@@ -163,16 +170,33 @@ def fit(g: Group, max_length: int) -> Group:
     return g
 
 
-def encode_groups(records, kind: str, tokenizer, max_length: int) -> tuple[list[Group], dict]:
-    """Records of a kind -> groups fitted into ``max_length`` tokens, with a truncation report."""
-    groups, report = [], {"total": len(records), "truncated_prompts": 0, "truncated_responses": 0}
-    for r in records:
-        g = to_group(r, kind, tokenizer, max_length)
-        if kind == "orm" and g.target is None:
-            raise SystemExit(f"error: {r.source}: field 'correct': an outcome RM needs a correctness label")
+def merge_same_prompt(groups: list[Group]) -> list[Group]:
+    """One group per distinct prompt, its solutions (and their labels) in record order: an outcome
+    RM's solutions to one question then share the question's forward pass and the ranking term."""
+    by_prompt: dict[tuple, Group] = {}
+    for g in groups:
+        first = by_prompt.setdefault(tuple(g.prompt), g)
+        if first is not g:
+            first.responses = first.responses + g.responses
+            first.targets = first.targets + g.targets
+    return list(by_prompt.values())
+
+
+def encode_groups(records, kind: str, tokenizer, max_length: int, merge: bool = False) -> tuple[list[Group], dict]:
+    """Records of a kind -> groups fitted into ``max_length`` tokens (see :func:`fit`), with a
+    truncation report. ``merge`` (orm): records with the same prompt become one group."""
+    groups = [to_group(r, kind, tokenizer) for r in records]
+    if kind == "orm":
+        missing = next((r for r, g in zip(records, groups) if not g.targets), None)
+        if missing is not None:
+            raise SystemExit(f"error: {missing.source}: field 'correct': an outcome RM needs a correctness label")
+        if merge:
+            groups = merge_same_prompt(groups)
+    report = {"total": len(records), "truncated_prompts": 0, "truncated_responses": 0}
+    for g in groups:
+        g = fit(g, max_length)
         report["truncated_prompts"] += len(g.prompt) < g.prompt_tokens
         report["truncated_responses"] += g.truncated_responses
-        groups.append(g)
     return groups, report
 
 
@@ -287,13 +311,16 @@ def rating_loss(rm, groups, cfg, stats):
 
 
 def orm_loss(rm, groups, cfg, stats):
-    scores, mask, _ = forward_groups(rm, groups, stats["pad_id"], cfg.share_prefix)
-    logits = scores.squeeze(-1)
-    correct = torch.tensor([g.target for g in groups], device=logits.device)
-    loss = orm_bce(logits, correct, mask.bool())
-    final = pool_last(scores, mask).squeeze(-1).detach()
+    scores, mask, k = forward_groups(rm, groups, stats["pad_id"], cfg.share_prefix)
+    valid = group_valid(groups, k, scores.device)
+    correct = torch.tensor([g.targets + [0.0] * (k - len(g.targets)) for g in groups], device=scores.device)
+    loss = orm_bce(scores.squeeze(-1), correct.view(-1), mask.bool() & valid.view(-1, 1))
+    final = pool_last(scores, mask).squeeze(-1).view(len(groups), k)
+    if cfg.orm_rank_coef:
+        loss = loss + cfg.orm_rank_coef * per_prompt_pairs(final, valid, labels=correct)
+    final, correct = final.detach()[valid], correct[valid]
     return loss, {"accuracy": ((final > 0).float() == correct).float().sum(), "reward_sum": final.sum(),
-                  "reward_sq": (final ** 2).sum(), "n": float(len(groups)), "n_rewards": float(len(groups))}
+                  "reward_sq": (final ** 2).sum(), "n": float(final.numel()), "n_rewards": float(final.numel())}
 
 
 def prm_step_logits(rm, groups, cfg, stats) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -344,8 +371,8 @@ def train(cfg: RMConfig) -> Run:
         # 1. model and data
         rm, tokenizer = load_reward_model(cfg.model, num_labels=num_labels(cfg), seed=cfg.seed)
         records, held, loaded = load_train_eval(cfg, RECORD_KIND[cfg.kind], log)
-        train_set, report = encode_groups(records, cfg.kind, tokenizer, cfg.max_length)
-        eval_set, _ = encode_groups(held, cfg.kind, tokenizer, cfg.max_length)
+        train_set, report = encode_groups(records, cfg.kind, tokenizer, cfg.max_length, merge=True)
+        eval_set, _ = encode_groups(held, cfg.kind, tokenizer, cfg.max_length, merge=True)
         if report["truncated_prompts"] or report["truncated_responses"]:
             log(f"fitted into {cfg.max_length} tokens: {report['truncated_prompts']} prompts lost their oldest tokens, "
                 f"{report['truncated_responses']} groups had responses cut at the end")
