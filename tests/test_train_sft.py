@@ -94,6 +94,9 @@ def test_batch_plan_covers_every_example_and_splits_processes():
     assert plan.micro_batches(0) == [[plan.step_indices(0)[2]], [plan.step_indices(0)[3]]]
     with pytest.raises(ValueError, match="multiple"):
         BatchPlan(n=10, batch_size=6, micro_batch_size=4)
+    # cut by a token budget, a batch need not be a multiple of --micro-batch-size (4 groups, default 8)
+    tokens = BatchPlan(n=10, batch_size=4, micro_batch_size=8, lengths=[5] * 10, token_budget=10)
+    assert [len(mb) for mb in tokens.micro_batches(0)] == [2, 2]
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():

@@ -210,8 +210,7 @@ def _pooled_batches(model: RewardModel, tokenizer, prompts, responses, batch_siz
                     read):
     """``read(model, ids, mask, response_mask)`` (a tuple of tensors) on each batch of encoded pairs, in
     eval mode; each output concatenated in the order of the pairs. Batches are cut from the pairs
-    sorted by length, so a batch pads to little more than its own length (on HH-RLHF responses that
-    halves the time)."""
+    sorted by length, so a batch pads to about its own length."""
     device = next(model.parameters()).device
     seqs, n_response = _encode_pairs(tokenizer, prompts, responses, max_length)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))

@@ -127,7 +127,8 @@ class BatchPlan:
     def __post_init__(self):
         if self.n < 1:
             raise ValueError("no training examples")
-        self.accum = accumulation_steps(self.batch_size, self.micro_batch_size, self.world)
+        # with a token budget the micro-batches are cut by tokens: only the split over processes is checked
+        self.accum = accumulation_steps(self.batch_size, 1 if self.token_budget else self.micro_batch_size, self.world)
         self.steps_per_epoch = math.ceil(self.n / self.batch_size)
 
     def order(self, epoch: int) -> list[int]:
