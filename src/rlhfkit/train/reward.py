@@ -77,12 +77,12 @@ class RMConfig(RunArgs, OptimArgs, DataArgs, ModelArgs):
     rating_high: float = 5.0
     """Classification: ratings above this are 'good'."""
     center_coef: float = 0.0
+    """Weight of the reward-centring loss mean((r_c + r_r)^2) (Eisenstein et al. 2023; 0.01 is typical)."""
     orm_rank_coef: float = 0.0
     """ORM: weight of a ranking term added to the token-level BCE: Bradley-Terry over every (correct, wrong)
     pair of solutions to the same prompt (eq. 18 with correctness as the grade). The BCE learns how
     likely a solution is right, question difficulty included; best-of-n only needs the order of one
     question's solutions, which this term trains directly."""
-    """Weight of the reward-centring loss mean((r_c + r_r)^2) (Eisenstein et al. 2023; 0.01 is typical)."""
     share_prefix: bool = True
     """Pack each prompt once with all its responses in one row (a tree attention mask keeps them apart)."""
     lr: float = 1e-4
