@@ -44,8 +44,8 @@ def test_orm_solutions_of_one_question_form_one_group_with_the_ranking_term(tmp_
     wrong) pairs, all recomputed from each solution scored on its own row."""
     import torch
 
-    from rlhfkit.losses.preference import per_prompt_pairs
     from rlhfkit.data.template import encode_prompt
+    from rlhfkit.losses.preference import per_prompt_pairs
     from rlhfkit.train.reward import encode_steps
 
     sols = [("Q one?", ["1 + 1 = 2", "So 2."], True), ("Q two is longer?", ["3"], False), ("Q one?", ["1 + 1 = 3"], False),

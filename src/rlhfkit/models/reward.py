@@ -227,8 +227,7 @@ def _pooled_batches(model: RewardModel, tokenizer, prompts, responses, batch_siz
     model.train(was_training)
     if not out:
         return torch.zeros(0), torch.zeros(0)
-    back = torch.empty(len(order), dtype=torch.long)
-    back[torch.tensor(order)] = torch.arange(len(order))
+    back = torch.tensor(order).argsort()  # sorted position of each pair
     return tuple(torch.cat(parts)[back] for parts in zip(*out))
 
 

@@ -194,7 +194,7 @@ def encode_groups(records, kind: str, tokenizer, max_length: int, merge: bool = 
             groups = merge_same_prompt(groups)
     report = {"total": len(records), "truncated_prompts": 0, "truncated_responses": 0}
     for g in groups:
-        g = fit(g, max_length)
+        fit(g, max_length)
         report["truncated_prompts"] += len(g.prompt) < g.prompt_tokens
         report["truncated_responses"] += g.truncated_responses
     return groups, report
