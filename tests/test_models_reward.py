@@ -50,6 +50,22 @@ def test_score_and_embed_reads_the_reward_and_the_response_mean_in_one_pass():
         assert not torch.allclose(features[i], hidden[0].mean(0), atol=1e-3)
 
 
+def test_head_runs_in_fp32_under_bf16_autocast():
+    """Under bf16 autocast the backbone's matmuls run in bf16 but the fp32 head's does not: rewards are
+    fp32 and equal ``w · h`` in fp32 (to 1e-6), not rounded to bf16's 8 significant bits, where rewards
+    near 1 step by 1/128 and close pairs tie (a tie counts as wrong)."""
+    rm, tok = load_reward_model("tiny", seed=0)
+    ids = torch.tensor([encode_prompt(tok, PROMPTS[3]) + encode_response(tok, ANSWERS[3])])
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = rm.hidden(ids, mask)
+        rewards = rm(ids, mask)[..., 0]
+    assert rewards.dtype == torch.float32
+    exact = hidden.float() @ rm.hf.score.weight[0]
+    torch.testing.assert_close(rewards, exact, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(rewards, exact.bfloat16().float())  # bf16 rounding would show here
+
+
 def test_prefix_sharing_equals_full_forward(tokenizer):
     """Packing a prompt once with both responses gives every response token the scores of a full
     ``prompt + response`` pass, and gradients flow through the shared prompt."""

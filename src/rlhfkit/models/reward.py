@@ -88,7 +88,11 @@ class RewardModel(nn.Module):
                         use_cache=False).last_hidden_state
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        scores = self._parts()[1](hidden)
+        """The head in its own weight dtype, outside autocast: under bf16 autocast a bf16 head would
+        round rewards to 8 significant bits (steps of 1/128 near 1), turning close pairs into ties."""
+        head = self._parts()[1]
+        with torch.autocast(hidden.device.type, enabled=False):
+            scores = head(hidden.to(next(head.parameters()).dtype))
         return scores - self.bias if self.bias else scores
 
     def pooled_and_embedded(self, input_ids, attention_mask, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
