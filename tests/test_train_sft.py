@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PYTHON, ROOT
+from rlhfkit.data.errors import DataError
 from rlhfkit.data.template import encode_examples
 from rlhfkit.losses import sft_loss
 from rlhfkit.models import load_causal_lm
@@ -125,6 +126,22 @@ def test_sft_run_directory_is_complete(tmp_path, demos):
     assert rows[0]["eval_loss"] > manifest["summary"]["eval_loss"]  # evaluated before and after training
     reloaded = AutoModelForCausalLM.from_pretrained(str(p / "final"))
     assert reloaded.config.pad_token_id != reloaded.config.eos_token_id
+
+
+def test_rerun_after_a_failure_at_load_reuses_the_empty_run_directory(tmp_path, demos):
+    """A run that fails before its first step (here: a data file with a bad record) leaves only its
+    config and manifest, so the same command with the data fixed runs; a directory holding logged
+    steps is still refused."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(Path(demos).read_text().splitlines()[0] + "\n{\"prompt\": 3}\n")
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        train(cfg(tmp_path, bad, name="r", max_steps=1))
+    assert {x.name for x in (tmp_path / "runs" / "r").iterdir()} == {"config.yaml", "manifest.json"}
+    run = train(cfg(tmp_path, demos, name="r", batch_size=4, micro_batch_size=4, max_steps=1))
+    assert json.loads((run.path / "manifest.json").read_text())["status"] == "finished"
+    assert str(demos) in (run.path / "config.yaml").read_text() and "bad.jsonl" not in (run.path / "config.yaml").read_text()
+    with pytest.raises(SystemExit, match="already exists"):
+        train(cfg(tmp_path, demos, name="r", batch_size=4, micro_batch_size=4, max_steps=1))
 
 
 def test_batch_equals_accumulation_through_the_loop(tmp_path, demos):

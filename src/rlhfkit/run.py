@@ -118,9 +118,11 @@ class Run:
             if not saved.is_file():
                 raise SystemExit(f"error: --resume: {run.path} has no config.yaml; nothing to resume")
             run._check_same_config(cfg)
-        elif run.path.exists() and any(run.path.iterdir()):
+        elif run.holds_results():
             raise SystemExit(f"error: run directory {run.path} already exists; pass --resume to continue it "
                              f"or choose another --name")
+        elif is_main and run.path.is_dir() and any(run.path.iterdir()):
+            print(f"reusing {run.path}: the run there stopped before its first step (no metrics, checkpoint or model)")
         if is_main:
             run.path.mkdir(parents=True, exist_ok=True)
             if not cfg.resume:
@@ -201,6 +203,13 @@ class Run:
             _atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
 
     # -- checkpoints ----------------------------------------------------------------------------
+
+    def holds_results(self) -> bool:
+        """Whether the directory holds what a new run would lose: logged steps, a checkpoint or a final
+        model. A run that failed while loading its model or data leaves only its config and manifest."""
+        metrics = self.path / "metrics.jsonl"
+        return ((metrics.is_file() and metrics.stat().st_size > 0) or self.final_dir.exists()
+                or any(self.ckpt_dir.glob("step-*")))
 
     def latest_checkpoint(self) -> Path | None:
         pointer = self.ckpt_dir / "latest"
