@@ -423,7 +423,8 @@ def train(cfg: RMConfig) -> Run:
         summary = {"steps": steps}
         if eval_set:
             summary.update({f"eval_{k}": v for k, v in evaluate(rm, eval_set, cfg, stats, accelerator).items()})
-            log("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k != "steps"))
+            under = " (under bf16 autocast; `rm eval` scores in fp32 by default)" if cfg.mixed_precision == "bf16" else ""
+            log(f"held-out{under}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k != "steps"))
         unwrapped = accelerator.unwrap_model(rm)
         if cfg.normalize_on:
             with accelerator.autocast():  # frozen layers may be stored in bf16
