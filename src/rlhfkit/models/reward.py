@@ -92,7 +92,7 @@ class RewardModel(nn.Module):
         round rewards to 8 significant bits (steps of 1/128 near 1), turning close pairs into ties."""
         head = self._parts()[1]
         with torch.autocast(hidden.device.type, enabled=False):
-            scores = head(hidden.to(next(head.parameters()).dtype))
+            scores = head(hidden.to(next(head.parameters(), hidden).dtype))  # (FSDP may hide them)
         return scores - self.bias if self.bias else scores
 
     def pooled_and_embedded(self, input_ids, attention_mask, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
