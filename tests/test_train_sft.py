@@ -139,7 +139,8 @@ def test_rerun_after_a_failure_at_load_reuses_the_empty_run_directory(tmp_path, 
     assert {x.name for x in (tmp_path / "runs" / "r").iterdir()} == {"config.yaml", "manifest.json"}
     run = train(cfg(tmp_path, demos, name="r", batch_size=4, micro_batch_size=4, max_steps=1))
     assert json.loads((run.path / "manifest.json").read_text())["status"] == "finished"
-    assert str(demos) in (run.path / "config.yaml").read_text() and "bad.jsonl" not in (run.path / "config.yaml").read_text()
+    saved = (run.path / "config.yaml").read_text()
+    assert str(demos) in saved and "bad.jsonl" not in saved
     with pytest.raises(SystemExit, match="already exists"):
         train(cfg(tmp_path, demos, name="r", batch_size=4, micro_batch_size=4, max_steps=1))
 
