@@ -17,7 +17,7 @@ from conftest import shared
 def test_distinct_n_and_pearson_hand_values():
     """distinct-2 of ["a b c", "a b d"]: bigrams ab, bc, ab, bd -> 3 unique of 4 = 0.75.
     pearson([1,2,3],[2,4,7]): cov 5/2... r = 5 / sqrt(2 * 12.6667) = 0.99340; constant side -> 0."""
-    from rlhfkit.eval.monitors import distinct_n, pearson
+    from rlhfkit.eval.metrics import distinct_n, pearson
 
     assert distinct_n(["a b c", "a b d"], 2) == 0.75
     assert distinct_n(["a b a b a b"], 2) == pytest.approx(2 / 5)
@@ -79,7 +79,7 @@ def test_ood_detector_on_gaussians():
     """Fit on N(0, I) in 16 dimensions: about 5% of fresh in-distribution points are flagged (the
     threshold is the 95% quantile of a calibration split), and every point shifted by 3 in each
     dimension is flagged."""
-    from rlhfkit.eval.monitors import OODDetector
+    from rlhfkit.models.ood import OODDetector
 
     g = torch.Generator().manual_seed(0)
     det = OODDetector.fit(torch.randn(2000, 16, generator=g))
@@ -109,7 +109,7 @@ def test_ood_detector_keeps_a_group_in_one_fold():
     come out small, the threshold too low, and 41% of fresh prompts from the same distribution get
     flagged. Split by prompt, under 5% are (0.75%: with so few points per dimension the cross-fitted
     threshold errs on the safe side)."""
-    from rlhfkit.eval.monitors import OODDetector
+    from rlhfkit.models.ood import OODDetector
 
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(60, 64, generator=g)
@@ -141,7 +141,7 @@ def bundled_reward_features():
     import json as _json
 
     from rlhfkit.data import load_records
-    from rlhfkit.eval.monitors import OODDetector, ood_texts
+    from rlhfkit.models.ood import OODDetector, ood_texts
     from rlhfkit.models.reward import embed, load_reward_model
 
     records = load_records(str(shared("hh-rlhf/harmless-base-test.jsonl.gz")), kind="preference").records
@@ -222,15 +222,17 @@ def test_eval_policy_stage_with_identical_policies_and_an_http_judge(tmp_path):
     KL = 0, every reward difference is 0 and every win rate 0.5. The fake judge always answers [[A]]:
     position bias, so each swapped pair is inconsistent -> a tie (consistency 0, judge win rate 0.5)."""
     from conftest import json_server, write_jsonl
-    from rlhfkit.eval.policy import EvalPolicyConfig, run_eval
+    from rlhfkit.eval.policy import EvalPolicyConfig
+    from rlhfkit.eval.policy import run as run_eval
 
     prompts = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"Say something about {w}."} for w in "abcdef"])
     rule = tmp_path / "gold.yaml"
     rule.write_text("max_words: 4\nname: gold\n")
     with json_server(lambda body: (200, {"choices": [{"message": {"content": "[[A]]"}}]})) as base:
-        result = run_eval(EvalPolicyConfig(model="tiny", reference="tiny", eval=str(prompts), reward=f"rule:{rule}",
-                                           gold=f"rule:{rule}", judge_url=f"{base}/v1", max_new_tokens=6,
-                                           output_dir=str(tmp_path / "runs"), name="ev", progress=False))
+        run = run_eval(EvalPolicyConfig(model="tiny", reference="tiny", eval=str(prompts), reward=f"rule:{rule}",
+                                        gold=f"rule:{rule}", judge_url=f"{base}/v1", max_new_tokens=6,
+                                        output_dir=str(tmp_path / "runs"), name="ev", progress=False))
+    result = json.loads((run.path / "eval.json").read_text())
     assert result["prompts"] == 6 and result["kl"] == pytest.approx(0.0, abs=1e-5)
     for r in result["rewards"].values():
         assert r["difference"] == 0.0 and r["win_rate"] == 0.5

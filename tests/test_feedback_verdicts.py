@@ -56,14 +56,16 @@ def judge_answer(body):
 def test_judge_stage_with_an_http_judge(tmp_path):
     """Four pairs: Q0 and Q1 consistent wins for 'chosen'; Q2 position bias (A both times): tie,
     inconsistent; Q3 unparsable twice: tie. accuracy 2/4, consistency 2/4, 2 unparsable answers."""
-    from rlhfkit.feedback.judge import JudgeConfig, run_judge
+    from rlhfkit.feedback.judge import JudgeConfig
+    from rlhfkit.feedback.judge import run as run_judge
 
     rows = [{"prompt": f"Q{i}", "chosen": "Thank you, here it is.", "rejected": "No."} for i in range(4)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with json_server(judge_answer) as base:
-        summary = run_judge(JudgeConfig(data=str(data), judge_url=f"{base}/v1", judge_model="fake",
-                                        output_dir=str(tmp_path / "runs"), name="j"))
+        run = run_judge(JudgeConfig(data=str(data), judge_url=f"{base}/v1", judge_model="fake",
+                                    output_dir=str(tmp_path / "runs"), name="j"))
+    summary = json.loads((run.path / "summary.json").read_text())
     assert summary["n"] == 4 and summary["accuracy"] == 0.5 and summary["ties"] == 2
     assert summary["consistency"] == 0.5 and summary["unparsable"] == 2
     lines = (tmp_path / "runs" / "j" / "judgements.jsonl").read_text().splitlines()
@@ -73,8 +75,10 @@ def test_judge_stage_with_an_http_judge(tmp_path):
 def test_label_then_rm_train_end_to_end(tmp_path):
     """rlhfkit label samples k = 3 responses per prompt from the tiny model, labels (best, worst) by a
     rule, and rlhfkit rm train reads the preference file as it is."""
-    from rlhfkit.feedback.label import LabelConfig, reward_pairs, run_label
-    from rlhfkit.train.reward import RMConfig, train
+    from rlhfkit.feedback.label import LabelConfig, reward_pairs
+    from rlhfkit.feedback.label import run as run_label
+    from rlhfkit.train.reward import RMConfig
+    from rlhfkit.train.reward import run as train
 
     assert reward_pairs([0.1, 0.9, 0.5], "best_worst") == [(1, 0, 0.8)]
     assert reward_pairs([0.5, 0.5], "best_worst") == []
@@ -84,7 +88,7 @@ def test_label_then_rm_train_end_to_end(tmp_path):
     rule = tmp_path / "rule.yaml"
     rule.write_text("max_words: 3\nw_repetition: 1.0\n")
     stats = run_label(LabelConfig(model="tiny", train=str(prompts), reward=f"rule:{rule}", k=3, max_new_tokens=8,
-                                  output_dir=str(tmp_path / "runs"), name="label", progress=False))
+                                  output_dir=str(tmp_path / "runs"), name="label", progress=False)).manifest()["summary"]
     assert stats["pairs"] + stats["ties"] == 12 and stats["pairs"] > 0
     run = train(RMConfig(model="tiny", train=str(tmp_path / "runs" / "label" / "preferences.jsonl"), batch_size=4,
                          micro_batch_size=4, max_steps=2, output_dir=str(tmp_path / "runs"), name="rm", progress=False))

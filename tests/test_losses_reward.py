@@ -11,8 +11,8 @@ from rlhfkit.losses.supervision import (
     prm_cross_entropy,
     rating_classification,
     rating_regression,
-    step_label_class,
 )
+from rlhfkit.models.groups import step_label_class
 
 T = torch.tensor
 

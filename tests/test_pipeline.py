@@ -45,9 +45,9 @@ def write_config(tmp_path, cfg: dict):
 
 
 def run_in_process(path):
-    from rlhfkit.pipeline import main
+    from rlhfkit.cli import main
 
-    main(["--config", str(path)])
+    main(["pipeline", "--config", str(path)])
 
 
 def metrics(path) -> list[dict]:

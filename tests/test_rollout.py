@@ -8,6 +8,7 @@ import torch
 
 from conftest import json_server
 from rlhfkit.data.template import encode_prompt
+from rlhfkit.errors import ConfigError
 from rlhfkit.rollout.rewards import (
     CompositeReward,
     RemoteReward,
@@ -114,7 +115,7 @@ def test_rule_reward_terms():
     20 words of 'python': keyword 1/2, length (20 - 10)/10 = 1 -> r = 0.5 - 1 = -0.5."""
     rule = RuleReward(keywords=["python", "data"], banned=["hate"], min_words=3, max_words=10)
     texts = ["Python is great for data", "I hate this", " ".join(["python"] * 20)]
-    assert rule([[]] * 3, texts, [{}] * 3) == pytest.approx([1.0, -1.0, -0.5])
+    assert rule.score([[]] * 3, texts, [{}] * 3) == pytest.approx([1.0, -1.0, -0.5])
 
 
 def test_repetition_and_exact_answer():
@@ -126,9 +127,9 @@ def test_repetition_and_exact_answer():
     assert exact_answer("She makes 9 * 2 = 18 dollars.", "Janet ... \nA: 18") == 1.0
     assert exact_answer("She makes 16 dollars.", "#### 18") == 0.0
     rule = RuleReward(answer_field="answer")
-    assert rule([[]], ["It is 18"], [{"answer": "#### 18"}]) == [1.0]
+    assert rule.score([[]], ["It is 18"], [{"answer": "#### 18"}]) == [1.0]
     with pytest.raises(ValueError, match="no field 'answer'"):
-        rule([[]], ["18"], [{"question": "x"}])
+        rule.score([[]], ["18"], [{"question": "x"}])
 
 
 def test_remote_reward_retries_and_composite(tmp_path):
@@ -145,20 +146,20 @@ def test_remote_reward_retries_and_composite(tmp_path):
     with json_server(respond) as base:
         url = f"{base}/score"
         remote = RemoteReward(url, timeout=5, retries=2, backoff=0.01)
-        assert remote([[], []], ["ab", "hello"], [{}, {}]) == [2.0, 5.0]
+        assert remote.score([[], []], ["ab", "hello"], [{}, {}]) == [2.0, 5.0]
         rule = tmp_path / "r.yaml"
         rule.write_text("keywords: [hello]\n")
         comp = parse_reward(f"0.5*{url} + 2*rule:{rule}")
         assert isinstance(comp, CompositeReward) and len(comp.parts) == 2
-        assert comp([[], []], ["ab", "hello"], [{}, {}]) == pytest.approx([1.0, 4.5])
+        assert comp.score([[], []], ["ab", "hello"], [{}, {}]) == pytest.approx([1.0, 4.5])
     with pytest.raises(RuntimeError, match="127.0.0.1"):
-        RemoteReward(url, timeout=0.5, retries=1, backoff=0.01)([[]], ["x"], [{}])
+        RemoteReward(url, timeout=0.5, retries=1, backoff=0.01).score([[]], ["x"], [{}])
 
 
 def test_reward_spec_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("keywordz: [x]\n")
-    with pytest.raises(SystemExit, match="bad.yaml: unknown rule field"):
+    with pytest.raises(ConfigError, match="bad.yaml: unknown rule field"):
         parse_reward(f"rule:{bad}")
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(ConfigError, match="not found"):
         parse_reward(str(tmp_path / "no-such-rm"))

@@ -10,8 +10,9 @@ import torch
 
 from conftest import write_jsonl
 from rlhfkit.data import load_records
-from rlhfkit.train.dpo import DPOConfig, sequence_logprobs, train
-from rlhfkit.train.reward import encode_groups
+from rlhfkit.models.groups import encode_groups
+from rlhfkit.train.dpo import DPOConfig, sequence_logprobs
+from rlhfkit.train.dpo import run as train
 
 TINY = dict(model="tiny", progress=False, max_length=128, warmup_ratio=0.0, save_every=1000, lora_r=8, lr=3e-3)
 

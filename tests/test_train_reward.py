@@ -5,8 +5,10 @@ import pytest
 
 from conftest import PYTHON, ROOT, shared, write_jsonl
 from rlhfkit.data import load_records
+from rlhfkit.models.groups import encode_groups
 from rlhfkit.models.reward import load_reward_model
-from rlhfkit.train.reward import LOSSES, RMConfig, encode_groups, train
+from rlhfkit.train.reward import LOSSES, RMConfig
+from rlhfkit.train.reward import run as train
 
 TINY = dict(model="tiny", progress=False, max_length=128, lr=3e-3, warmup_ratio=0.0, save_every=1000)
 
@@ -46,7 +48,7 @@ def test_orm_solutions_of_one_question_form_one_group_with_the_ranking_term(tmp_
 
     from rlhfkit.data.template import encode_prompt
     from rlhfkit.losses.preference import per_prompt_pairs
-    from rlhfkit.train.reward import encode_steps
+    from rlhfkit.models.groups import encode_steps
 
     sols = [("Q one?", ["1 + 1 = 2", "So 2."], True), ("Q two is longer?", ["3"], False), ("Q one?", ["1 + 1 = 3"], False),
             ("Q two is longer?", ["4", "So 4."], True), ("Q one?", ["It is 2."], True)]
@@ -174,7 +176,7 @@ def test_token_budget_micro_batches_train_the_same(tmp_path):
     """--micro-batch-tokens cuts each step's groups by padded tokens instead of by count. The step's
     groups and their weights are the same, so 3 steps give the same losses and the same final scores
     as --micro-batch-size 4 (within fp32 summation order), and held-out accuracy is the same."""
-    from rlhfkit.train.common import split_by_tokens
+    from rlhfkit.data.batching import split_by_tokens
 
     assert split_by_tokens(list("abcde"), [1, 2, 3, 4, 9], 8) == [["a", "b"], ["c", "d"], ["e"]]
     data = str(pairs(tmp_path, 24))

@@ -45,7 +45,7 @@ def test_ppo_first_minibatch_has_ratio_one(tmp_path, prompts):
     """With one PPO epoch and one minibatch the update starts at pi = pi_old: ratio exactly 1, approx-KL 0,
     no clipping (reference §3 'Checks'); the sampler's logprobs equal the trainer's within 1e-5 (fp32).
     The run directory has the curves, the held-out comparison and the final model."""
-    from rlhfkit.train.ppo import train
+    from rlhfkit.train.ppo import run as train
 
     run = train(ppo_cfg(tmp_path, prompts, ppo_epochs=1, name="ratio"))
     first = metrics(run)[0]
@@ -94,11 +94,13 @@ def test_zero_reward_and_positive_beta_lowers_kl(tmp_path, prompts, stage):
                       min_lr_ratio=1.0, output_dir=str(tmp_path / "runs"), progress=False, temperature=1.0,
                       name=f"{stage}{beta}", save_every=100, batch_size=12)
         if stage == "ppo":
-            from rlhfkit.train.ppo import PPOConfig, train
+            from rlhfkit.train.ppo import PPOConfig
+            from rlhfkit.train.ppo import run as train
 
             run = train(PPOConfig(**common, micro_batch_size=12, ppo_epochs=1))
         else:
-            from rlhfkit.train.policy_gradient import PGConfig, train
+            from rlhfkit.train.policy_gradient import PGConfig
+            from rlhfkit.train.policy_gradient import run as train
 
             run = train(PGConfig(**common, samples_per_prompt=4, micro_batch_size=48, estimator="reinforce"))
         kls[beta] = [m["kl"] for m in metrics(run)]
@@ -111,7 +113,8 @@ def test_zero_reward_and_positive_beta_lowers_kl(tmp_path, prompts, stage):
 @pytest.mark.parametrize("estimator,kl_in", [("rloo", "reward"), ("grpo", "loss"), ("dr_grpo", "loss")])
 def test_pg_estimators_run(tmp_path, prompts, estimator, kl_in):
     """Each estimator runs k = 4 samples per prompt with the KL where its paper puts it."""
-    from rlhfkit.train.policy_gradient import PGConfig, train
+    from rlhfkit.train.policy_gradient import PGConfig
+    from rlhfkit.train.policy_gradient import run as train
 
     run = train(PGConfig(model="tiny", train=prompts, eval_size=2, eval_prompts=2, reward=rule(tmp_path), batch_size=2,
                          samples_per_prompt=4, micro_batch_size=4, max_new_tokens=6, max_steps=2, lora_r=4,
@@ -126,7 +129,8 @@ def test_best_of_n_writes_sft_and_preference_data(tmp_path, prompts):
     """n = 4: best.jsonl has one demonstration per prompt, its score the max of the prompt's four in
     samples.jsonl; pairs.jsonl pairs best with worst; KL_bon = log 4 - 3/4 in the manifest."""
     from rlhfkit.data import load_records
-    from rlhfkit.train.best_of_n import BoNConfig, run_bon
+    from rlhfkit.train.best_of_n import BoNConfig
+    from rlhfkit.train.best_of_n import run as run_bon
 
     run = run_bon(BoNConfig(model="tiny", train=prompts, reward=rule(tmp_path, "max_words: 3\n"), n=4,
                             max_new_tokens=6, output_dir=str(tmp_path / "runs"), progress=False, name="bon"))
@@ -147,7 +151,7 @@ def test_ppo_resume_equals_uninterrupted(tmp_path, prompts):
     """Run 4 steps with a checkpoint at step 2. Then remove everything after step 2 (as if killed) and
     --resume: steps 3 and 4 log the same scores and KL, and the adaptive beta comes back from the
     checkpoint."""
-    from rlhfkit.train.ppo import train
+    from rlhfkit.train.ppo import run as train
 
     cfg = ppo_cfg(tmp_path, prompts, max_steps=4, save_every=2, name="resume", kl_target=0.01, eval_prompts=0,
                   eval_size=0, keep_checkpoints=3)
@@ -168,7 +172,8 @@ def test_ppo_resume_equals_uninterrupted(tmp_path, prompts):
 def test_ppo_ptx_and_a2c_preset(tmp_path, prompts):
     """PPO-ptx mixes the SFT loss of demonstrations in (logged as ptx_loss, about ln(vocab) on a random
     tiny model); the a2c preset sets one epoch, one minibatch, no policy or value clipping."""
-    from rlhfkit.train.ppo import PRESETS, train
+    from rlhfkit.train.ppo import PRESETS
+    from rlhfkit.train.ppo import run as train
 
     demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": p, "response": "Use Python."} for p in PROMPTS])
     run = train(ppo_cfg(tmp_path, prompts, name="ptx", ptx_data=str(demos), ptx_coef=0.5, **PRESETS["a2c"]))

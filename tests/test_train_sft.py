@@ -10,12 +10,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PYTHON, ROOT
+from rlhfkit.data.batching import collate
 from rlhfkit.data.errors import DataError
 from rlhfkit.data.template import encode_examples
+from rlhfkit.errors import ConfigError, StoppedError
 from rlhfkit.losses import sft_loss
 from rlhfkit.models import load_causal_lm
 from rlhfkit.train.common import BatchPlan, lr_factor
-from rlhfkit.train.sft import SFTConfig, collate, n_supervised, train
+from rlhfkit.train.sft import SFTConfig, n_supervised
+from rlhfkit.train.sft import run as train
 
 TINY = dict(model="tiny", lr=3e-3, warmup_ratio=0.0, progress=False, max_length=64)
 
@@ -141,7 +144,7 @@ def test_rerun_after_a_failure_at_load_reuses_the_empty_run_directory(tmp_path, 
     assert json.loads((run.path / "manifest.json").read_text())["status"] == "finished"
     saved = (run.path / "config.yaml").read_text()
     assert str(demos) in saved and "bad.jsonl" not in saved
-    with pytest.raises(SystemExit, match="already exists"):
+    with pytest.raises(ConfigError, match="already exists"):
         train(cfg(tmp_path, demos, name="r", batch_size=4, micro_batch_size=4, max_steps=1))
 
 
@@ -184,7 +187,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demos, monkeypa
 
     monkeypatch.setattr(sft, "sft_loss", poisoned)
     c = cfg(tmp_path, demos, name="nan", batch_size=4, micro_batch_size=4, max_steps=5, save_every=1)
-    with pytest.raises(SystemExit, match="stopped: non-finite loss=nan at step 3"):
+    with pytest.raises(StoppedError, match="stopped: non-finite loss=nan at step 3"):
         train(c)
     run_dir = tmp_path / "runs" / "nan"
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -202,7 +205,7 @@ def test_config_yaml_defaults_and_flag_override(tmp_path):
     c = parse(SFTConfig, ["--config", str(tmp_path / "c.yaml"), "--lr", "0.25"], prog="x")
     assert (c.lr, c.batch_size, c.model) == (0.25, 16, "tiny")
     (tmp_path / "bad.yaml").write_text("learning_rate: 0.5\n")
-    with pytest.raises(SystemExit, match="bad.yaml: unknown field"):
+    with pytest.raises(ConfigError, match="bad.yaml: unknown field"):
         parse(SFTConfig, ["--config", str(tmp_path / "bad.yaml")], prog="x")
 
 

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 
+import tyro
 import yaml
+
+from rlhfkit.errors import ConfigError
 
 C = TypeVar("C")
 
@@ -116,6 +121,8 @@ class RunArgs:
     """Evaluate every N steps (0: only at the end)."""
     progress: bool = True
     """Show progress bars with ETA."""
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = "none"
+    """Also log every step to this experiment tracker (through accelerate; metrics.jsonl is always written)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,23 +150,58 @@ def load_yaml(cls: type[C], path: str | Path, section: str | None = None) -> C:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise SystemExit(f"error: config file {path} not found") from None
+        raise ConfigError(f"config file {path} not found") from None
     except yaml.YAMLError as e:
-        raise SystemExit(f"error: {path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if section is not None:
         data = data.get(section, {}) or {}
     if not isinstance(data, dict):
-        raise SystemExit(f"error: {path}: expected a mapping of field: value")
+        raise ConfigError(f"{path}: expected a mapping of field: value")
     return from_dict(cls, data, where=str(path))
 
 
 def from_dict(cls: type[C], data: dict, where: str = "config") -> C:
+    """``cls(**data)``, checked: an unknown key or a value of the wrong type (a string where a number
+    belongs, a choice outside a Literal) is a :class:`ConfigError` naming ``where`` and the key."""
+    data = {k.replace("-", "_"): v for k, v in data.items()}
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise SystemExit(f"error: {where}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; "
-                         f"known: {', '.join(names)}")
-    return cls(**{k.replace("-", "_"): v for k, v in data.items()})
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; "
+                          f"known: {', '.join(names)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        problem = type_problem(hints[key], value)
+        if problem:
+            raise ConfigError(f"{where}: field '{key}': {problem}")
+    return cls(**data)
+
+
+def type_problem(hint, value) -> str:
+    """Why ``value`` does not fit the annotation ``hint`` ('' when it does). Knows the types config
+    fields use: bool, int, float, str, Literal, dict, list and ``X | None``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "" if value in args else f"expected one of {', '.join(map(repr, args))}, got {value!r}"
+    if origin in (typing.Union, types.UnionType):
+        problems = [type_problem(a, value) for a in args]
+        return "" if any(not p for p in problems) else problems[0]
+    if hint is type(None):
+        return "" if value is None else f"expected null, got {value!r}"
+    if hint is bool:
+        return "" if isinstance(value, bool) else f"expected true or false, got {value!r}"
+    if hint is int:
+        return "" if isinstance(value, int) and not isinstance(value, bool) else f"expected an integer, got {value!r}"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return "" if ok else f"expected a number, got {value!r}"
+    if hint is str:
+        return "" if isinstance(value, str) else f"expected a string, got {value!r}"
+    if hint is dict or origin is dict:
+        return "" if isinstance(value, dict) else f"expected a mapping, got {value!r}"
+    if hint is list or origin is list:
+        return "" if isinstance(value, list) else f"expected a list, got {value!r}"
+    return ""
 
 
 def to_dict(cfg) -> dict:
@@ -172,15 +214,13 @@ def dump(cfg) -> str:
 
 def parse(cls: type[C], argv: list[str], prog: str, description: str = "") -> C:
     """Parse ``argv`` into ``cls``: ``--config file.yaml`` gives defaults, flags override them."""
-    import tyro
-
     default = None
     rest = list(argv)
     for i, arg in enumerate(rest):
         if arg == "--config" or arg.startswith("--config="):
             value = arg.split("=", 1)[1] if "=" in arg else (rest[i + 1] if i + 1 < len(rest) else None)
             if value is None:
-                raise SystemExit("error: --config needs a YAML file")
+                raise ConfigError("--config needs a YAML file")
             del rest[i: i + (1 if "=" in arg else 2)]
             default = load_yaml(cls, value)
             break

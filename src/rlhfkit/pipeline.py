@@ -13,6 +13,11 @@ lays it out and as InstructGPT and Anthropic's iterated online RLHF run it::
     5. eval           the new policy against the reference on the held-out prompts: proxy (RM) and
                       gold (the hidden utility, when there is one), KL, win rates, samples
 
+Every stage's config is built from its section and checked (``resolve()``) before the first stage
+runs, so a misspelt key or a bad value anywhere in the YAML fails at once, naming the section and the
+key. The pipeline fills in what it owns (the model, the data, the reward model it just trained, the
+seed); a field a section sets wins over the pipeline's value, and the pipeline says so.
+
 Every stage is a normal run directory inside the pipeline's folder, listed in its manifest.json with
 its status and time. Running the same command again (or with ``--resume``) skips the finished stages
 and continues an interrupted one from its last checkpoint; stages without checkpoints (sampling,
@@ -29,7 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rlhfkit.config import RunArgs, from_dict
+from rlhfkit.config import RunArgs, from_dict, print_config
+from rlhfkit.data import load_records
+from rlhfkit.data.split import split_records
+from rlhfkit.errors import ConfigError
+from rlhfkit.eval.report import write_pipeline_report
+from rlhfkit.eval.reward import RMEvalConfig, evaluate, write
+from rlhfkit.run import Run
+from rlhfkit.stages import STAGES
 
 
 @dataclass
@@ -67,16 +79,112 @@ class PipelineConfig(RunArgs):
     name: str = "pipeline"
     """Pipeline name: its folder is <output-dir>/<name>."""
 
+    def resolve(self) -> PipelineConfig:
+        if not self.prompts:
+            raise ConfigError("pipeline: --prompts FILE is required")
+        if "file" in self.feedback and len(self.feedback) > 1:
+            raise ConfigError(f"pipeline: feedback: with 'file' (human labels read from a file) no other field applies; "
+                              f"got {', '.join(sorted(k for k in self.feedback if k != 'file'))}")
+        if self.algorithm in ("pg", "ppo", "bon") and "file" not in self.feedback and not self.feedback.get("labeler"):
+            raise ConfigError("pipeline: feedback: give a labeler (simulated, reward, judge) or a file of human labels")
+        return self
+
 
 RESUMABLE = {"sft", "rm", "ppo", "pg", "dpo"}  # stages with checkpoints; the others start again
+OWNED = ("output_dir", "name", "resume")  # each stage's run directory is the pipeline's to choose
+RL_STAGES = {"pg": ("pg", "pg"), "ppo": ("ppo", "ppo"), "dpo": ("dpo", "dpo")}  # algorithm -> (command, kind)
+
+
+@dataclass
+class Planned:
+    """One stage of the pipeline, its config built and checked before anything runs."""
+
+    name: str  # its run directory inside the pipeline's folder
+    kind: str  # the run's stage kind (manifest)
+    command: str  # its entry in rlhfkit.stages.STAGES
+    cfg: object
+
+
+def stage_config(p: PipelineConfig, folder: Path, name: str, kind: str, command: str, section: str,
+                 filled: dict, fields: dict, notes: list[str]) -> Planned:
+    """The config of one stage: the pipeline's ``filled`` values, then the section's ``fields`` over them
+    (a section field that replaces a pipeline value is noted), checked by ``from_dict`` (unknown keys,
+    types) and by the config's own ``resolve()``."""
+    owned = sorted(set(fields) & set(OWNED))
+    if owned:
+        raise ConfigError(f"pipeline: {section}: {', '.join(owned)} cannot be set in a section (the pipeline "
+                          f"places each stage's run directory in {folder})")
+    base = {"seed": p.seed, "progress": p.progress, **filled}
+    for key in sorted(set(fields) & set(base)):
+        if fields[key] != base[key]:
+            notes.append(f"{name}: {key} = {fields[key]!r} from the {section} section (the pipeline's: {base[key]!r})")
+    resume = kind in RESUMABLE and (folder / name / "config.yaml").is_file()
+    values = {**base, **fields, "output_dir": str(folder), "name": name, "resume": resume}
+    cls = STAGES[command].config_class()
+    cfg = from_dict(cls, values, where=f"pipeline: {section}")
+    try:
+        cfg.resolve()
+    except ConfigError as e:
+        raise ConfigError(f"pipeline: {section}: {e}") from None
+    return Planned(name, kind, command, cfg)
+
+
+def plan(p: PipelineConfig, folder: Path, train: str, held: str) -> tuple[list[Planned], list[str]]:
+    """Every stage of every round, built and checked before the first one runs; and the notes on
+    section fields that replace the pipeline's values."""
+    notes: list[str] = []
+    stages: list[Planned] = []
+
+    def add(name, kind, command, section, filled, fields) -> Planned:
+        stages.append(stage_config(p, folder, name, kind, command, section, filled, fields, notes))
+        return stages[-1]
+
+    # 1. optional SFT: its model is the policy and the reference from here on
+    base = p.model
+    if p.sft:
+        base = str(folder / add("sft", "sft", "sft", "sft", {"model": p.model}, p.sft).name / "final")
+    feedback = {k: v for k, v in p.feedback.items() if k != "file"}
+    utility = feedback.get("utility", "")
+    gold = p.gold or utility
+    policy = base
+    for r in range(1, p.rounds + 1):
+        # 2. feedback on the current policy's samples
+        if "file" in p.feedback:
+            prefs = p.feedback["file"]
+        else:
+            label = add(f"r{r}-feedback", "label", "label", "feedback", {"model": policy, "train": train}, feedback)
+            prefs = str(folder / label.name / "preferences.jsonl")
+        # 3. reward model
+        rm = ""
+        if p.algorithm != "dpo" or p.reward_model:
+            rm_stage = add(f"r{r}-rm", "rm", "rm train", "reward_model", {"model": p.model, "train": prefs},
+                           p.reward_model)
+            rm = str(folder / rm_stage.name / "final")
+        # 4. policy optimisation from the current policy, tethered to the base model
+        common = {"model": policy, **({"reference": base} if policy != base else {})}
+        if p.algorithm == "dpo":
+            rl = add(f"r{r}-dpo", "dpo", "dpo", "rl", {**common, "train": prefs}, p.rl)
+        elif p.algorithm == "bon":  # rejection-sampling fine-tuning: rl.sft holds the SFT fields
+            bon = add(f"r{r}-bon", "bon", "bon", "rl", {"model": policy, "train": train, "reward": rm},
+                      {k: v for k, v in p.rl.items() if k != "sft"})
+            rl = add(f"r{r}-sft-best", "sft", "sft", "rl.sft",
+                     {"model": policy, "train": str(folder / bon.name / "best.jsonl")}, p.rl.get("sft", {}))
+        else:
+            command, kind = RL_STAGES[p.algorithm]
+            rl = add(f"r{r}-{p.algorithm}", kind, command, "rl", {**common, "train": train, "eval": held, "reward": rm,
+                                                                   "gold": gold, "eval_prompts": 0}, p.rl)
+        policy = str(folder / rl.name / "final")
+        # 5. evaluation on the held-out prompts: proxy, gold, KL, win rates, samples
+        shared = {k: v for k, v in p.rl.items() if k in ("max_new_tokens", "temperature", "mixed_precision", "max_length")}
+        add(f"r{r}-eval", "eval-policy", "eval policy", "evaluate",
+            {"model": policy, "reference": base, "eval": held, "reward": rm, "gold": gold, **shared}, p.evaluate)
+    return stages, notes
 
 
 class Pipeline:
     """The pipeline folder, its manifest, and running or skipping one stage."""
 
     def __init__(self, cfg: PipelineConfig):
-        from rlhfkit.run import Run
-
         self.cfg = cfg
         if (Path(cfg.output_dir) / cfg.name / "config.yaml").is_file():
             cfg.resume = True  # a re-run continues: finished stages are skipped
@@ -87,30 +195,22 @@ class Pipeline:
     def log(self, msg: str) -> None:
         print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
 
-    def stage(self, name: str, kind: str, module: str, config_cls: str, fields: dict, entry: str = "train") -> Path:
-        """Run stage ``name`` unless it finished already; returns its run directory."""
-        import importlib
-
-        from rlhfkit.run import Run
-
-        path = self.path / name
+    def stage(self, planned: Planned) -> Path:
+        """Run a planned stage unless it finished already; returns its run directory."""
+        path, kind = self.path / planned.name, planned.kind
         status = Run(path, kind).manifest().get("status")
-        record = {"name": name, "stage": kind, "path": name, "status": "finished"}
+        record = {"name": planned.name, "stage": kind, "path": planned.name, "status": "finished"}
         if status == "finished":
-            self.log(f"{name}: finished before, skipped")
+            self.log(f"{planned.name}: finished before, skipped")
             self.stages.append(record | {"seconds": self.seconds(path)})
             self.save()
             return path
-        resume = kind in RESUMABLE and (path / "config.yaml").is_file()
+        resume = planned.cfg.resume
         if not resume and path.exists():
             shutil.rmtree(path)  # an interrupted stage without checkpoints starts again
-        mod = importlib.import_module(module)
-        cfg = from_dict(getattr(mod, config_cls), {**fields, "output_dir": str(self.path), "name": name,
-                                                   "seed": self.cfg.seed, "progress": self.cfg.progress,
-                                                   "resume": resume}, where=f"pipeline stage {name}")
-        self.log(f"{name}: {'resuming' if resume else 'running'} rlhfkit {kind}")
+        self.log(f"{planned.name}: {'resuming' if resume else 'running'} rlhfkit {planned.command}")
         t0 = time.time()
-        getattr(mod, entry)(cfg)
+        STAGES[planned.command].entry()(planned.cfg)
         seconds = time.time() - t0 + (self.seconds(path) if resume else 0.0)
         Run(path, kind).update_manifest(pipeline_seconds=seconds)
         self.stages.append(record | {"seconds": seconds})
@@ -119,8 +219,6 @@ class Pipeline:
 
     @staticmethod
     def seconds(path: Path) -> float:
-        from rlhfkit.run import Run
-
         return float(Run(path, "").manifest().get("pipeline_seconds", 0.0))
 
     def save(self) -> None:
@@ -129,9 +227,6 @@ class Pipeline:
 
 def split_prompts(cfg: PipelineConfig, folder: Path) -> tuple[str, str]:
     """prompts/train.jsonl and prompts/heldout.jsonl, written once (the same split on every re-run)."""
-    from rlhfkit.data import load_records
-    from rlhfkit.data.split import split_records
-
     train, held = folder / "train.jsonl", folder / "heldout.jsonl"
     if not held.is_file():
         records = load_records(cfg.prompts, kind="prompt").records
@@ -144,96 +239,43 @@ def split_prompts(cfg: PipelineConfig, folder: Path) -> tuple[str, str]:
     return str(train), str(held)
 
 
-def run_pipeline(cfg: PipelineConfig) -> Path:
-    from rlhfkit.config import print_config
-    from rlhfkit.eval.report import write_pipeline_report
-
-    if not cfg.prompts:
-        raise SystemExit("error: --prompts FILE is required")
-    if cfg.algorithm in ("pg", "ppo", "bon") and cfg.feedback.get("file") is None and not cfg.feedback.get("labeler"):
-        raise SystemExit("error: feedback: give a labeler (simulated, reward, judge) or a file of human labels")
+def run(cfg: PipelineConfig) -> Run:
+    cfg.resolve()
     print_config(cfg)
+    folder = Path(cfg.output_dir) / cfg.name
+    # every stage's config, checked before anything runs or is written
+    stages, notes = plan(cfg, folder, str(folder / "prompts" / "train.jsonl"), str(folder / "prompts" / "heldout.jsonl"))
     p = Pipeline(cfg)
+    for note in notes:
+        p.log(note)
     t_start = time.time()
     # 0. the prompt split
-    train, held = split_prompts(cfg, p.path / "prompts")
-    utility = cfg.feedback.get("utility", "")
-    gold = cfg.gold or utility
-    base = cfg.model
-
-    # 1. optional SFT: its model is the policy and the reference from here on
-    if cfg.sft:
-        base = str(p.stage("sft", "sft", "rlhfkit.train.sft", "SFTConfig", {"model": cfg.model, **cfg.sft}) / "final")
-    policy = base
-
-    for r in range(1, cfg.rounds + 1):
-        # 2. feedback on the current policy's samples
-        if "file" in cfg.feedback:
-            prefs = cfg.feedback["file"]
-        else:
-            label = p.stage(f"r{r}-feedback", "label", "rlhfkit.feedback.label", "LabelConfig",
-                            {"model": policy, "train": train, **cfg.feedback}, entry="run_label")
-            prefs = str(label / "preferences.jsonl")
-
-        # 3. reward model (and its evaluation on the pairs it held out)
-        rm = None
-        if cfg.algorithm != "dpo" or cfg.reward_model:
-            rm_fields = {"model": cfg.model, "train": prefs, **cfg.reward_model}
-            rm_dir = p.stage(f"r{r}-rm", "rm", "rlhfkit.train.reward", "RMConfig", rm_fields)
-            rm = str(rm_dir / "final")
-            evaluate_rm(rm_dir, rm_fields)
-
-        # 4. policy optimisation from the current policy, tethered to the base model
-        common = {"model": policy, **({"reference": base} if policy != base else {})}
-        rl_fields = {**common, "train": train, "eval": held, "reward": rm, "gold": gold, "eval_prompts": 0, **cfg.rl}
-        if cfg.algorithm == "dpo":
-            rl_dir = p.stage(f"r{r}-dpo", "dpo", "rlhfkit.train.dpo", "DPOConfig", {**common, "train": prefs, **cfg.rl})
-        elif cfg.algorithm == "bon":  # rejection-sampling fine-tuning: rl.sft holds the SFT fields
-            rl = {k: v for k, v in cfg.rl.items() if k != "sft"}
-            bon = p.stage(f"r{r}-bon", "bon", "rlhfkit.train.best_of_n", "BoNConfig",
-                          {"model": policy, "train": train, "reward": rm, **rl}, entry="run_bon")
-            rl_dir = p.stage(f"r{r}-sft-best", "sft", "rlhfkit.train.sft", "SFTConfig",
-                             {"model": policy, "train": str(bon / "best.jsonl"), **cfg.rl.get("sft", {})})
-        else:
-            module, cls = {"pg": ("rlhfkit.train.policy_gradient", "PGConfig"), "ppo": ("rlhfkit.train.ppo", "PPOConfig")}[
-                cfg.algorithm]
-            rl_dir = p.stage(f"r{r}-{cfg.algorithm}", cfg.algorithm, module, cls, rl_fields)
-        policy = str(rl_dir / "final")
-
-        # 5. evaluation on the held-out prompts: proxy, gold, KL, win rates, samples
-        eval_fields = {"model": policy, "reference": base, "eval": held, "reward": rm or "", "gold": gold,
-                       **{k: v for k, v in cfg.rl.items() if k in ("max_new_tokens", "temperature", "mixed_precision",
-                                                                    "max_length")}, **cfg.evaluate}
-        ev = p.stage(f"r{r}-eval", "eval-policy", "rlhfkit.eval.policy", "EvalPolicyConfig", eval_fields,
-                     entry="run_eval")
-        result = json.loads((ev / "eval.json").read_text())
-        p.log(f"round {r}: " + ", ".join(f"{name} {x['reference']:.3f} -> {x['policy']:.3f} "
-                                          f"({x['difference']:+.3f} ± {x['difference_se']:.3f})"
-                                          for name, x in result["rewards"].items()) + f", KL {result['kl']:.2f}")
+    split_prompts(cfg, p.path / "prompts")
+    result, policy = {}, cfg.model
+    for planned in stages:
+        path = p.stage(planned)
+        if planned.kind == "rm":
+            evaluate_rm(path, planned.cfg)
+        if planned.kind in ("pg", "ppo", "dpo") or planned.name.endswith("sft-best"):
+            policy = str(path / "final")
+        if planned.kind == "eval-policy":
+            result = json.loads((path / "eval.json").read_text())
+            p.log(f"{planned.name}: " + ", ".join(f"{name} {x['reference']:.3f} -> {x['policy']:.3f} "
+                                                  f"({x['difference']:+.3f} ± {x['difference_se']:.3f})"
+                                                  for name, x in result["rewards"].items()) + f", KL {result['kl']:.2f}")
 
     report = write_pipeline_report(p.path, p.stages)
     p.run.finish(policy=policy, seconds=time.time() - t_start, **{
-        f"{name}_{k}": v for name, x in result["rewards"].items() for k, v in x.items()})
+        f"{name}_{k}": v for name, x in result.get("rewards", {}).items() for k, v in x.items()})
     p.log(f"done in {time.time() - t_start:.0f} s; report: {report}")
-    return p.path
+    return p.run
 
 
-def evaluate_rm(rm_dir: Path, rm_fields: dict) -> None:
+def evaluate_rm(rm_dir: Path, rm_cfg) -> None:
     """Accuracy and calibration of a pipeline's reward model on the preference pairs its stage held out
     (written to <rm run>/eval; skipped when it held none out or did already)."""
-    from rlhfkit.eval.reward import RMEvalConfig, evaluate, write
-
-    eval_size = rm_fields.get("eval_size", 0)
-    if not eval_size or (rm_dir / "eval" / "eval.json").is_file():
+    if not rm_cfg.eval_size or (rm_dir / "eval" / "eval.json").is_file():
         return
-    result = evaluate(RMEvalConfig(model=str(rm_dir / "final"), data=rm_fields["train"], eval_size=eval_size,
-                                   split_seed=rm_fields.get("split_seed", 0), max_length=rm_fields.get("max_length", 512)))
+    result = evaluate(RMEvalConfig(model=str(rm_dir / "final"), data=rm_cfg.train, eval_size=rm_cfg.eval_size,
+                                   split_seed=rm_cfg.split_seed, max_length=rm_cfg.max_length))
     write(result, rm_dir / "eval")
-
-
-def main(argv: list[str] | None = None) -> None:
-    from rlhfkit.config import parse
-
-    cfg = parse(PipelineConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit pipeline",
-                description=PipelineConfig.__doc__)
-    run_pipeline(cfg)

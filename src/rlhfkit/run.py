@@ -7,10 +7,14 @@
       step-00000050/    model, optimiser, scheduler and RNG state (accelerate), trainer_state.json
       latest            the name of the newest complete checkpoint
     final/              the trained model in Hugging Face format
+    tensorboard/        with --report-to tensorboard (wandb, mlflow and trackio log to their own stores)
 
 Checkpoints are written to a temporary folder and renamed, so a crash at any moment leaves the last
 good checkpoint intact. ``--resume`` reloads it and truncates ``metrics.jsonl`` back to its step, so
 a resumed run ends exactly as an uninterrupted one.
+
+``metrics.jsonl`` is always written; ``--report-to`` also sends every logged step to an experiment
+tracker through accelerate's tracker classes (TensorBoard, Weights & Biases, MLflow, trackio).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
+import numbers
 import os
 import platform
 import shutil
@@ -26,7 +32,11 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import yaml
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
 from rlhfkit import config as _config
+from rlhfkit.errors import ConfigError
 
 PACKAGES = ("rlhfkit", "torch", "transformers", "accelerate", "peft", "safetensors", "tyro")
 
@@ -37,8 +47,6 @@ class NonFiniteError(RuntimeError):
 
 def check_finite(step: int, **values) -> None:
     """Raise :class:`NonFiniteError` if any value is NaN or inf."""
-    import math
-
     plain = {k: float(v.detach()) if hasattr(v, "detach") else float(v) for k, v in values.items()}
     bad = {k: v for k, v in plain.items() if not math.isfinite(v)}
     if bad:
@@ -96,6 +104,7 @@ class Run:
         self.ckpt_dir = path / "checkpoints"
         self.final_dir = path / "final"
         self._t0 = time.time()
+        self.trackers: list = []
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -107,7 +116,7 @@ class Run:
         if not name and cfg.resume:
             name = cls.newest_unfinished(root, stage)
             if name is None:
-                raise SystemExit(f"error: --resume: no unfinished {stage} run in {root}; pass --name")
+                raise ConfigError(f"--resume: no unfinished {stage} run in {root}; pass --name")
             cfg.name = name
         if not name:
             name = cfg.name = f"{stage}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -116,10 +125,10 @@ class Run:
         saved = run.path / "config.yaml"
         if cfg.resume:
             if not saved.is_file():
-                raise SystemExit(f"error: --resume: {run.path} has no config.yaml; nothing to resume")
+                raise ConfigError(f"--resume: {run.path} has no config.yaml; nothing to resume")
             run._check_same_config(cfg)
         elif run.holds_results():
-            raise SystemExit(f"error: run directory {run.path} already exists; pass --resume to continue it "
+            raise ConfigError(f"run directory {run.path} already exists; pass --resume to continue it "
                              f"or choose another --name")
         elif is_main and run.path.is_dir() and any(run.path.iterdir()):
             print(f"reusing {run.path}: the run there stopped before its first step (no metrics, checkpoint or model)")
@@ -140,6 +149,7 @@ class Run:
                 manifest["inputs"] = {k: file_digest(v) if Path(v).exists() else {"spec": v} for k, v in found.items()}
                 manifest["parents"] = sorted({p for v in found.values() if (p := parent_run(v))} - {str(run.path.resolve())})
             run.write_manifest(manifest)
+            run.trackers = open_trackers(getattr(cfg, "report_to", "none"), run.path, cfg)
         return run
 
     @staticmethod
@@ -156,15 +166,13 @@ class Run:
         return best.parent.name if best else None
 
     def _check_same_config(self, cfg) -> None:
-        import yaml
-
         saved = yaml.safe_load((self.path / "config.yaml").read_text())
         now = _config.to_dict(cfg)
         ignore = {"resume", "name", "progress"}
         diff = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
         if diff:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)
-            raise SystemExit(f"error: --resume with a different config than {self.path}/config.yaml ({detail})")
+            raise ConfigError(f"--resume with a different config than {self.path}/config.yaml ({detail})")
 
     # -- manifest and metrics -------------------------------------------------------------------
 
@@ -190,6 +198,9 @@ class Run:
         row.update({k: _plain(v) for k, v in metrics.items()})
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)}
+        for tracker in self.trackers:
+            tracker.log(scalars, step=step)
 
     def metrics(self) -> list[dict]:
         path = self.path / "metrics.jsonl"
@@ -275,10 +286,49 @@ class Run:
     def finish(self, **summary) -> None:
         self.update_manifest(status="finished", finished=_dt.datetime.now().isoformat(timespec="seconds"),
                              summary={k: _plain(v) for k, v in summary.items()})
+        self.close_trackers()
 
     def fail(self, reason: str) -> None:
         ckpt = self.latest_checkpoint()
         self.update_manifest(status="failed", error=reason, last_good_checkpoint=str(ckpt) if ckpt else None)
+        self.close_trackers()
+
+    def close_trackers(self) -> None:
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
+
+
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "trackio")
+
+
+def open_trackers(report_to: str, path: Path, cfg) -> list:
+    """accelerate's tracker for ``report_to`` (none, tensorboard, wandb, mlflow, trackio), started, with
+    the run's config stored as its hyperparameters. TensorBoard writes to ``<run>/tensorboard``; the
+    others log to their own stores under the run's name."""
+    if report_to == "none":
+        return []
+    if report_to not in REPORT_TO[1:]:
+        raise ConfigError(f"--report-to {report_to!r}: expected one of {', '.join(REPORT_TO)}")
+    cls = LOGGER_TYPE_TO_CLASS[report_to]
+    try:
+        tracker = cls("tensorboard", path) if cls.requires_logging_directory else cls(path.name)
+        tracker.start()
+    except ImportError as e:
+        raise ConfigError(f"--report-to {report_to}: its package is not installed ({e}); "
+                          f"pip install {report_to}") from None
+    hparams = {k: v for k, v in _config.to_dict(cfg).items() if isinstance(v, (bool, int, float, str))}
+    tracker.store_init_configuration(hparams)
+    return [tracker]
+
+
+def progress(iterable, enabled: bool, desc: str, initial: int = 0, total: int | None = None):
+    """A tqdm bar with ETA on the main process; the plain iterable elsewhere."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, initial=initial, total=total, dynamic_ncols=True)
 
 
 def _plain(value):

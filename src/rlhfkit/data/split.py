@@ -6,6 +6,8 @@ import random
 from collections.abc import Sequence
 from typing import TypeVar
 
+from rlhfkit.data.formats import load_records
+
 T = TypeVar("T")
 
 
@@ -50,8 +52,6 @@ def load_train_eval(cfg, kind: str, log=print):
     """Training and held-out records for a stage from its data flags: ``--eval`` file, or
     ``--eval-size`` held out of ``--train`` (grouped by ``--split-by``), then ``--limit``.
     Returns (train records, held-out records, the Loaded report of --train)."""
-    from rlhfkit.data.formats import load_records
-
     def load(path):
         return load_records(path, kind=kind, fields=cfg.fields, on_bad_record=cfg.on_bad_record)
 

@@ -1,9 +1,13 @@
-"""Evaluation metrics as pure functions on plain sequences (reference §7)."""
+"""Evaluation metrics as pure functions on plain sequences (reference §7), and the text statistics of
+samples the policy evaluation and the RL monitors report."""
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
+
+from rlhfkit.rollout.rewards import repetition_rate, words
 
 
 def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> float:
@@ -105,3 +109,41 @@ def bootstrap_ci(values: Sequence[float], n: int = 1000, alpha: float = 0.05, se
         return (float("nan"), float("nan"))
     means = sorted(sum(values[rng.randrange(k)] for _ in range(k)) / k for _ in range(n))
     return means[int(alpha / 2 * n)], means[min(n - 1, int((1 - alpha / 2) * n))]
+
+
+# ---------------------------------------------------------------------------------------------
+# text statistics of samples (length, diversity, repetition)
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct-n (Li et al. 2016): unique word n-grams over all n-grams across ``texts``; 1 when no
+    n-gram repeats, towards 0 when every response says the same thing.
+
+    >>> distinct_n(["a b c", "a b d"], 2)
+    0.75
+    """
+    grams = [tuple(w[i: i + n]) for t in texts for w in [words(t)] for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    """Pearson correlation; 0 when either side is constant.
+
+    >>> round(pearson([1, 2, 3], [2, 4, 7]), 4)
+    0.9934
+    """
+    n = len(x)
+    if n < 2:
+        return 0.0
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
+
+
+def sample_stats(texts: list[str]) -> dict:
+    """Length (words) mean / median / max, distinct-1 and distinct-2, and the mean repetition rate."""
+    lengths = [len(words(t)) for t in texts] or [0]
+    return {"words_mean": sum(lengths) / len(lengths), "words_median": statistics.median(lengths),
+            "words_max": max(lengths), "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+            "repetition": sum(repetition_rate(t) for t in texts) / max(len(texts), 1)}

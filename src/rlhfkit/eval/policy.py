@@ -16,16 +16,33 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.config import DataArgs, ModelArgs, RunArgs
-from rlhfkit.eval.monitors import sample_stats
+from rlhfkit.config import DataArgs, ModelArgs, RunArgs, print_config
+from rlhfkit.data import load_records
+from rlhfkit.data.split import load_train_eval
+from rlhfkit.device import make_accelerator
+from rlhfkit.errors import ConfigError
+from rlhfkit.eval.metrics import sample_stats
+from rlhfkit.eval.report import write_report
+from rlhfkit.feedback.judge import judge_pairs, make_judge
 from rlhfkit.losses.kl import kl_penalty
-from rlhfkit.rollout.sampler import response_logprobs, sample
-from rlhfkit.train.rl import Prompts, SamplingArgs, decode, sampling_kwargs, score_texts
+from rlhfkit.models import disable_dropout, load_causal_lm
+from rlhfkit.rollout.engine import RolloutEngine, make_engine
+from rlhfkit.rollout.phase import (
+    Prompts,
+    Reference,
+    SamplingArgs,
+    decode,
+    encode_prompts,
+    sampling_params,
+    score_texts,
+)
+from rlhfkit.rollout.rewards import reward_from
+from rlhfkit.rollout.sampler import response_logprobs
+from rlhfkit.run import Run
 
 
 def paired(xs: list[float], ys: list[float]) -> dict:
@@ -45,20 +62,20 @@ def paired(xs: list[float], ys: list[float]) -> dict:
 
 
 @torch.no_grad()
-def compare_policies(policy, reference, tokenizer, rewards: dict, held: Prompts, cfg, seed: int, batch_size: int = 16,
-                     judge=None) -> dict:
-    """Policy against reference on ``held`` (see the module docstring). ``rewards`` maps a name
-    ('reward', 'gold') to a reward source; ``reference`` is a :class:`rlhfkit.train.rl.Reference`."""
+def compare_policies(engine: RolloutEngine, ref_engine: RolloutEngine, policy, reference: Reference, tokenizer,
+                     rewards: dict, held: Prompts, cfg, seed: int, batch_size: int = 16, judge=None) -> dict:
+    """Policy against reference on ``held`` (see the module docstring): ``engine`` samples the policy and
+    ``ref_engine`` the reference; ``policy`` and ``reference`` give the teacher-forced logprobs of
+    the KL. ``rewards`` maps a name ('reward', 'gold') to a reward source."""
     temperature = cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature
-    kwargs = sampling_kwargs(cfg, tokenizer, temperature)
+    params = sampling_params(cfg, tokenizer, temperature)
     scores = {name: {"policy": [], "reference": []} for name in rewards}
     texts: dict[str, list[str]] = {"policy": [], "reference": []}
     kl: list[float] = []
     for start in range(0, len(held.ids), batch_size):
         ids, records = held.ids[start: start + batch_size], held.records[start: start + batch_size]
-        rollouts = {"policy": sample(policy, ids, **kwargs, generator=torch.Generator().manual_seed(seed + start)),
-                    "reference": reference.sample(policy, ids, **kwargs,
-                                                  generator=torch.Generator().manual_seed(seed + start))}
+        rollouts = {"policy": engine.generate(ids, params, torch.Generator().manual_seed(seed + start)),
+                    "reference": ref_engine.generate(ids, params, torch.Generator().manual_seed(seed + start))}
         for side, ro in rollouts.items():
             text = decode(tokenizer, ro)
             texts[side] += text
@@ -74,8 +91,6 @@ def compare_policies(policy, reference, tokenizer, rewards: dict, held: Prompts,
               "rewards": {name: paired(s["policy"], s["reference"]) for name, s in scores.items()},
               "policy_stats": sample_stats(texts["policy"]), "reference_stats": sample_stats(texts["reference"])}
     if judge is not None:
-        from rlhfkit.feedback.judge import judge_pairs
-
         out = judge_pairs(judge, [r.prompt for r in held.records], texts["policy"], texts["reference"])
         wins = sum(1.0 if r == "x" else 0.5 if r == "tie" else 0.0 for r in out["results"])
         result["judge"] = {"win_rate": wins / n, "consistency": out["consistency"], "ties": out["ties"],
@@ -121,25 +136,24 @@ class EvalPolicyConfig(RunArgs, DataArgs, ModelArgs, SamplingArgs):
     """With --train only: evaluate on the records held out by this split (as the RL stage did)."""
 
 
-def run_eval(cfg: EvalPolicyConfig) -> dict:
-    from rlhfkit.data import load_records
-    from rlhfkit.data.split import load_train_eval
-    from rlhfkit.eval.report import write_report
-    from rlhfkit.models import disable_dropout, load_causal_lm
-    from rlhfkit.rollout.rewards import parse_reward
-    from rlhfkit.run import Run
-    from rlhfkit.train.common import make_accelerator
-    from rlhfkit.train.rl import Reference, encode_prompts
+    def resolve(self) -> EvalPolicyConfig:
+        if not (self.train or self.eval):
+            raise ConfigError("eval policy: --eval PROMPTS (or --train with --eval-size) is required")
+        if not (self.reward or self.gold):
+            raise ConfigError("eval policy: --reward or --gold is required")
+        return self
 
-    if not (cfg.reward or cfg.gold):
-        raise SystemExit("error: --reward or --gold is required")
+
+def run(cfg: EvalPolicyConfig) -> Run:
+    cfg.resolve()
+    print_config(cfg)
     run = Run.open(cfg, "eval-policy", inputs={"model": cfg.model, "reference": cfg.reference, "eval": cfg.eval,
                                                "train": cfg.train})
     policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
     disable_dropout(policy)
     policy.eval()
-    accelerator = make_accelerator(cfg)  # the device and the bf16 autocast
-    policy.to(accelerator.device)
+    accelerator = make_accelerator(cfg)  # the bf16 autocast; the engines own the device
+    engine = make_engine(cfg.rollout, policy, accelerator.device)
     reference = Reference(policy, cfg.mixed_precision, cfg.reference).to(accelerator.device)
     if cfg.train:
         train, held, _ = load_train_eval(cfg, "prompt", print)
@@ -147,32 +161,20 @@ def run_eval(cfg: EvalPolicyConfig) -> dict:
     else:
         records = load_records(cfg.eval, kind="prompt", fields=cfg.fields, on_bad_record=cfg.on_bad_record).records
     held = encode_prompts(tokenizer, records[: cfg.eval_prompts], cfg, print)
-    rewards = {name: parse_reward(spec, cfg.reward_batch_size, cfg.max_length, accelerator.device)
+    rewards = {name: reward_from(cfg, spec, accelerator.device)
                for name, spec in (("reward", cfg.reward), ("gold", cfg.gold)) if spec}
     judge = None
     if cfg.judge_model or cfg.judge_url:
-        from rlhfkit.feedback.judge import make_judge
-
-        judge = make_judge(cfg.judge_model or "smollm2-135m-instruct", cfg.judge_url)
+        judge = make_judge(cfg.judge_model or "smollm2-135m-instruct", cfg.judge_url, rollout=cfg.rollout)
     with accelerator.autocast():
-        result = compare_policies(policy, reference, tokenizer, rewards, held, cfg, seed=cfg.seed + 7, judge=judge)
+        result = compare_policies(engine, reference.engine(policy, cfg.rollout, accelerator.device), policy, reference,
+                                  tokenizer, rewards, held, cfg, seed=cfg.seed + 7, judge=judge)
     (run.path / "eval.json").write_text(json.dumps(result, indent=2))
     print(summary_line(result))
     run.finish(**{f"{name}_{k}": v for name, r in result["rewards"].items() for k, v in r.items()}, kl=result["kl"])
     write_report(run.path)
     print(f"report: {run.path / 'report.html'}")
-    return result
+    return run
 
 
-def main(argv: list[str] | None = None) -> None:
-    from rlhfkit.config import parse, print_config
-
-    cfg = parse(EvalPolicyConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit eval policy",
-                description=EvalPolicyConfig.__doc__)
-    if not (cfg.train or cfg.eval):
-        raise SystemExit("error: --eval PROMPTS (or --train with --eval-size) is required")
-    print_config(cfg)
-    run_eval(cfg)
-
-
-__all__ = ["EvalPolicyConfig", "compare_policies", "paired", "run_eval", "summary_line"]
+__all__ = ["EvalPolicyConfig", "compare_policies", "paired", "run", "summary_line"]

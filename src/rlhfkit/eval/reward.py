@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +18,14 @@ from typing import Literal
 
 import torch
 
+from rlhfkit.config import print_config
 from rlhfkit.data import load_records, split_records
+from rlhfkit.device import make_accelerator, place
+from rlhfkit.errors import ConfigError
 from rlhfkit.eval import metrics
 from rlhfkit.losses.supervision import prm_aggregate
-from rlhfkit.train.reward import RECORD_KIND, RMConfig, encode_groups, forward_groups
+from rlhfkit.models.groups import RECORD_KIND, encode_groups, forward_groups
+from rlhfkit.models.reward import load_reward_model
 
 
 @dataclass
@@ -62,9 +65,14 @@ class RMEvalConfig:
     output: str = ""
     """Folder for eval.json and plots (default: <model>/../eval, or ./rm-eval)."""
 
+    def resolve(self) -> RMEvalConfig:
+        if not self.data:
+            raise ConfigError("rm eval: --data FILE is required")
+        return self
+
 
 @torch.no_grad()
-def group_scores(rm, groups, cfg: RMConfig, pad_id: int, batch_size: int) -> list[list[torch.Tensor]]:
+def group_scores(rm, groups, pad_id: int, batch_size: int) -> list[list[torch.Tensor]]:
     """Head outputs per group: a list (one per group) of per-response token scores (T_k, labels)."""
     rm.eval()
     order = sorted(range(len(groups)), key=lambda i: len(groups[i].prompt) + max(map(len, groups[i].responses)))
@@ -159,21 +167,16 @@ EVALUATORS = {"pairwise": evaluate_pairwise, "orm": evaluate_orm, "prm": evaluat
 
 
 def evaluate(cfg: RMEvalConfig) -> dict:
-    from rlhfkit.models.reward import load_reward_model
-
     loaded = load_records(cfg.data, kind=RECORD_KIND[cfg.kind], fields=cfg.fields)
     records = loaded.records
     if cfg.eval_size:
         records = split_records(records, cfg.eval_size, cfg.split_seed, cfg.split_by)[1]
     rm, tokenizer = load_reward_model(cfg.model, num_labels=3 if cfg.kind == "prm" else 1, seed=cfg.seed)
-    rcfg = RMConfig(kind=cfg.kind, max_length=cfg.max_length)
-    groups, report = encode_groups(records, rcfg.kind, tokenizer, rcfg.max_length)
-    from rlhfkit.train.common import make_accelerator
-
-    accelerator = make_accelerator(cfg)  # the device and the bf16 autocast, as in training
-    rm.to(accelerator.device)
+    groups, report = encode_groups(records, cfg.kind, tokenizer, cfg.max_length)
+    accelerator = make_accelerator(cfg)  # the bf16 autocast, as in training
+    place(rm, accelerator.device)
     with accelerator.autocast():
-        scores = group_scores(rm, groups, rcfg, tokenizer.pad_token_id, cfg.batch_size)
+        scores = group_scores(rm, groups, tokenizer.pad_token_id, cfg.batch_size)
     result = {"model": cfg.model, "data": cfg.data, "kind": cfg.kind, "eval_size": cfg.eval_size,
               "split_seed": cfg.split_seed, "mixed_precision": cfg.mixed_precision, "truncation": report}
     result.update(EVALUATORS[cfg.kind](groups, scores, records, cfg))
@@ -186,7 +189,7 @@ def write(result: dict, folder: Path) -> Path:
     plot = result.pop("_plot", None)
     (folder / "eval.json").write_text(json.dumps(result, indent=2))
     if plot is not None:
-        import matplotlib
+        import matplotlib  # optional: the plot extra
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -212,13 +215,9 @@ def write(result: dict, folder: Path) -> Path:
     return folder
 
 
-def main(argv: list[str] | None = None) -> None:
-    from rlhfkit.config import parse, print_config
-
-    cfg = parse(RMEvalConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit rm eval",
-                description=RMEvalConfig.__doc__)
-    if not cfg.data:
-        raise SystemExit("error: --data FILE is required")
+def run(cfg: RMEvalConfig) -> dict:
+    """Evaluate, write eval.json and the plots, print the headline figures; returns the result."""
+    cfg.resolve()
     print_config(cfg)
     result = evaluate(cfg)
     model_dir = Path(cfg.model)
@@ -227,3 +226,4 @@ def main(argv: list[str] | None = None) -> None:
     shown = {k: v for k, v in result.items() if k not in ("reliability", "truncation", "data", "model")}
     print(json.dumps(shown, indent=2))
     print(f"wrote {folder}/eval.json")
+    return result

@@ -7,10 +7,12 @@ Each input row is written back out unchanged with ``reward`` added (or ``chosen_
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 
 from rlhfkit.data import Demonstration, Preference, load_records
+from rlhfkit.device import place
+from rlhfkit.errors import ConfigError
+from rlhfkit.models.reward import load_reward_model, score
 
 
 @dataclass
@@ -30,15 +32,27 @@ class ScoreConfig:
     max_length: int = 1024
     """Longer sequences lose their oldest prompt tokens."""
 
+    def resolve(self) -> ScoreConfig:
+        if not self.model or not self.data:
+            raise ConfigError("rm score: --model and --data are required")
+        return self
+
+
+def run(cfg: ScoreConfig) -> str:
+    """Score the file; returns the path written."""
+    cfg.resolve()
+    out = score_file(cfg)
+    print(f"wrote {out}")
+    return out
+
 
 def score_file(cfg: ScoreConfig) -> str:
-    from rlhfkit.models.reward import load_reward_model, score
-
     loaded = load_records(cfg.data, fields=cfg.fields)
     records = loaded.records
     if not records or not isinstance(records[0], (Demonstration, Preference)):
-        raise SystemExit(f"error: {cfg.data}: rm score needs prompt/response or preference records, found {loaded.kind}")
+        raise ConfigError(f"{cfg.data}: rm score needs prompt/response or preference records, found {loaded.kind}")
     rm, tokenizer = load_reward_model(cfg.model)
+    place(rm)
     prompts, responses, slots = [], [], []
     for i, r in enumerate(records):
         pairs = [("chosen_reward", r.chosen), ("rejected_reward", r.rejected)] if isinstance(r, Preference) \
@@ -67,13 +81,3 @@ def _original(record) -> dict:
         row["response"] = record.response
     row.update(record.meta)
     return row
-
-
-def main(argv: list[str] | None = None) -> None:
-    from rlhfkit.config import parse
-
-    cfg = parse(ScoreConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit rm score",
-                description=ScoreConfig.__doc__)
-    if not cfg.model or not cfg.data:
-        raise SystemExit("error: --model and --data are required")
-    print(f"wrote {score_file(cfg)}")

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from typing import Literal
 
 from rlhfkit.config import RunArgs
+from rlhfkit.data import load_records
+from rlhfkit.data.template import encode_prompt
+from rlhfkit.errors import ConfigError, RemoteError
 from rlhfkit.feedback.verdicts import parse_pairwise, parse_rating, summarise_pairwise
+from rlhfkit.models import disable_dropout, load_causal_lm
+from rlhfkit.rollout.engine import SamplingParams, make_engine
+from rlhfkit.rollout.rewards import post_json
+from rlhfkit.run import Run
 
 # MT-Bench judge prompts (FastChat judge_prompts.jsonl, names pair-v2 and single-v1), verbatim.
 PAIR_SYSTEM = (
@@ -70,28 +76,24 @@ def question_text(prompt: list[dict]) -> str:
 class LocalJudge:
     """A local causal LM decoding greedily, in batches."""
 
-    def __init__(self, spec: str, max_new_tokens: int = 256, batch_size: int = 8, max_length: int = 2048):
-        from rlhfkit.models import load_causal_lm
-
-        self.model, self.tokenizer = load_causal_lm(spec)
+    def __init__(self, spec: str, max_new_tokens: int = 256, batch_size: int = 8, max_length: int = 2048,
+                 rollout: str = "hf"):
+        model, self.tokenizer = load_causal_lm(spec)
+        disable_dropout(model)
+        self.engine = make_engine(rollout, model.eval())
+        self.params = SamplingParams(self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
+                                     max_new_tokens=max_new_tokens, temperature=0)
         self.max_new_tokens, self.batch_size, self.max_length = max_new_tokens, batch_size, max_length
         self.name = spec
 
     def __call__(self, conversations: list[list[dict]]) -> list[str]:
-        import torch
-
-        from rlhfkit.data.template import encode_prompt
-        from rlhfkit.rollout.sampler import sample
-
         budget = self.max_length - self.max_new_tokens
         ids = [encode_prompt(self.tokenizer, c)[-budget:] for c in conversations]
         out = []
-        with torch.no_grad():
-            for i in range(0, len(ids), self.batch_size):
-                ro = sample(self.model, ids[i: i + self.batch_size], self.tokenizer.pad_token_id,
-                            self.tokenizer.eos_token_id, max_new_tokens=self.max_new_tokens, temperature=0)
-                out += [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
-                        for r, m in zip(ro.response_ids, ro.response_mask)]
+        for i in range(0, len(ids), self.batch_size):
+            ro = self.engine.generate(ids[i: i + self.batch_size], self.params)
+            out += [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
+                    for r, m in zip(ro.response_ids, ro.response_mask)]
         return out
 
 
@@ -107,8 +109,6 @@ class HTTPJudge:
         self.name = f"{model}@{url}" if model else url
 
     def one(self, messages: list[dict]) -> str:
-        from rlhfkit.rollout.rewards import post_json
-
         key = os.environ.get("OPENAI_API_KEY")
         answer = post_json(self.url, {"model": self.model, "messages": messages, "temperature": 0,
                                       "max_tokens": self.max_new_tokens}, self.timeout, self.retries,
@@ -116,14 +116,18 @@ class HTTPJudge:
         try:
             return answer["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
-            raise RuntimeError(f"judge {self.url}: not a chat completion: {str(answer)[:200]}") from None
+            raise RemoteError(f"judge {self.url}: not a chat completion: {str(answer)[:200]}") from None
 
     def __call__(self, conversations: list[list[dict]]) -> list[str]:
         return [self.one(c) for c in conversations]
 
 
-def make_judge(model: str, url: str = "", judge_model: str = "", max_new_tokens: int = 256, batch_size: int = 8):
-    return HTTPJudge(url, judge_model, max_new_tokens) if url else LocalJudge(model, max_new_tokens, batch_size)
+def make_judge(model: str, url: str = "", judge_model: str = "", max_new_tokens: int = 256, batch_size: int = 8,
+               rollout: str = "hf"):
+    """An OpenAI-compatible endpoint when ``url`` is given, else the local ``model`` on a rollout engine."""
+    if url:
+        return HTTPJudge(url, judge_model, max_new_tokens)
+    return LocalJudge(model, max_new_tokens, batch_size, rollout=rollout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +165,8 @@ class JudgeConfig(RunArgs):
     """Local judge model (any causal LM rlhfkit can load)."""
     judge_url: str = ""
     """An OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) instead of a local model."""
+    rollout: Literal["hf"] = "hf"
+    """Rollout engine of a local judge model ('hf': in-process KV-cache decoding)."""
     judge_model: str = ""
     """Model name sent to --judge-url."""
     max_new_tokens: int = 256
@@ -173,15 +179,19 @@ class JudgeConfig(RunArgs):
     """Column mapping, e.g. 'prompt=question'."""
 
 
-def run_judge(cfg: JudgeConfig) -> dict:
-    from rlhfkit.data import load_records
-    from rlhfkit.run import Run
+    def resolve(self) -> JudgeConfig:
+        if not self.data:
+            raise ConfigError("judge: --data FILE is required")
+        return self
 
+
+def run(cfg: JudgeConfig) -> Run:
+    cfg.resolve()
     kind = "preference" if cfg.mode == "pairwise" else "demonstration"
     records = load_records(cfg.data, kind=kind, fields=cfg.fields).records
     records = records[: cfg.limit] if cfg.limit else records
     run = Run.open(cfg, "judge", inputs={"data": cfg.data, "model": cfg.judge_url or cfg.model})
-    judge = make_judge(cfg.model, cfg.judge_url, cfg.judge_model, cfg.max_new_tokens, cfg.batch_size)
+    judge = make_judge(cfg.model, cfg.judge_url, cfg.judge_model, cfg.max_new_tokens, cfg.batch_size, cfg.rollout)
     prompts = [r.prompt for r in records]
     if cfg.mode == "pairwise":
         text = lambda r: r if isinstance(r, str) else "\n".join(m["content"] for m in r)  # noqa: E731
@@ -202,13 +212,4 @@ def run_judge(cfg: JudgeConfig) -> dict:
     (run.path / "summary.json").write_text(json.dumps(summary, indent=2))
     run.finish(**summary)
     print(json.dumps(summary, indent=2))
-    return summary
-
-
-def main(argv: list[str] | None = None) -> None:
-    from rlhfkit.config import parse
-
-    cfg = parse(JudgeConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit judge", description=JudgeConfig.__doc__)
-    if not cfg.data:
-        raise SystemExit("error: --data FILE is required")
-    run_judge(cfg)
+    return run

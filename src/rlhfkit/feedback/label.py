@@ -23,14 +23,19 @@ import itertools
 import json
 import math
 import random
-import sys
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from rlhfkit.config import DataArgs, ModelArgs, RunArgs
-from rlhfkit.train.rl import SamplingArgs, prompts_from, rollout_phase
+from rlhfkit.config import DataArgs, ModelArgs, RunArgs, print_config
+from rlhfkit.errors import ConfigError
+from rlhfkit.feedback.judge import judge_pairs, make_judge
+from rlhfkit.models import disable_dropout, load_causal_lm
+from rlhfkit.rollout.engine import make_engine
+from rlhfkit.rollout.phase import SamplingArgs, prompts_from, rollout_phase
+from rlhfkit.rollout.rewards import RewardSource, reward_from
+from rlhfkit.run import Run, progress
 
 
 @dataclass
@@ -59,6 +64,18 @@ class LabelConfig(RunArgs, DataArgs, ModelArgs, SamplingArgs):
     batch_size: int = 8
     """Prompts per sampling batch."""
 
+    def resolve(self) -> LabelConfig:
+        if not self.train:
+            raise ConfigError("label: --train PROMPTS is required")
+        if self.labeler == "reward" and not self.reward:
+            raise ConfigError("label: --labeler reward needs --reward (a reward model, rule:FILE.yaml or a URL)")
+        if self.labeler == "simulated" and not self.utility:
+            raise ConfigError("label: --labeler simulated needs --utility (the annotator's hidden utility, "
+                              "e.g. rule:FILE.yaml)")
+        if self.k < 2:
+            raise ConfigError("label: --k must be at least 2 to make pairs")
+        return self
+
 
 def reward_pairs(scores: list[float], mode: str) -> list[tuple[int, int, float]]:
     """(chosen, rejected, margin) index pairs of one prompt's responses from their scores. Equal scores
@@ -85,31 +102,30 @@ def simulated_choice(u_a: float, u_b: float, noise: float, rng: random.Random) -
     return rng.random() < 1.0 / (1.0 + math.exp(-(u_a - u_b) / max(noise, 1e-12)))
 
 
-def run_label(cfg: LabelConfig) -> dict:
-    from rlhfkit.feedback.judge import judge_pairs, make_judge
-    from rlhfkit.models import load_causal_lm
-    from rlhfkit.rollout.rewards import parse_reward
-    from rlhfkit.run import Run
-    from rlhfkit.train.common import progress
+class Unscored(RewardSource):
+    """Sampling only: a judge labels the pairs afterwards."""
 
-    if cfg.labeler == "reward" and not cfg.reward:
-        raise SystemExit("error: --labeler reward needs --reward (a reward model, rule:FILE.yaml or a URL)")
-    if cfg.labeler == "simulated" and not cfg.utility:
-        raise SystemExit("error: --labeler simulated needs --utility (the annotator's hidden utility, e.g. rule:FILE.yaml)")
-    if cfg.k < 2:
-        raise SystemExit("error: --k must be at least 2 to make pairs")
+    name = "none"
+
+    def score(self, prompts, responses, meta=None) -> list[float]:
+        return [0.0] * len(responses)
+
+
+def run(cfg: LabelConfig) -> Run:
+    cfg.resolve()
+    print_config(cfg)
     run = Run.open(cfg, "label", inputs={"train": cfg.train, "model": cfg.model})
     policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
+    disable_dropout(policy)
+    engine = make_engine(cfg.rollout, policy.eval())
     prompts = prompts_from(cfg, tokenizer)
     records = prompts.records
     judge = None
     if cfg.labeler != "judge":
-        spec = cfg.reward if cfg.labeler == "reward" else cfg.utility
-        reward = parse_reward(spec, cfg.reward_batch_size, cfg.max_length)
+        reward = reward_from(cfg, cfg.reward if cfg.labeler == "reward" else cfg.utility, engine.device)
     else:
-        def reward(prompts_, responses, meta):  # sampling only: the judge labels afterwards
-            return [0.0] * len(responses)
-        judge = make_judge(cfg.judge_model, cfg.judge_url, "", cfg.judge_max_new_tokens, cfg.batch_size)
+        reward = Unscored()
+        judge = make_judge(cfg.judge_model, cfg.judge_url, "", cfg.judge_max_new_tokens, cfg.batch_size, cfg.rollout)
 
     stats = {"prompts": len(records), "k": cfg.k, "pairs": 0, "ties": 0, "judged": 0, "consistent": 0, "unparsable": 0,
              "agree_with_utility": 0, "utility_differs": 0}
@@ -117,7 +133,7 @@ def run_label(cfg: LabelConfig) -> dict:
         for start in progress(range(0, len(records), cfg.batch_size), cfg.progress, "label"):
             idx = list(range(start, min(start + cfg.batch_size, len(records))))
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
-            batch = rollout_phase(policy, tokenizer, reward, prompts, idx, cfg.k, cfg, g)
+            batch = rollout_phase(engine, tokenizer, reward, prompts, idx, cfg.k, cfg, g)
             for j, i in enumerate(idx):
                 texts = batch.texts[j * cfg.k: (j + 1) * cfg.k]
                 scores = batch.scores[j * cfg.k: (j + 1) * cfg.k].tolist()
@@ -160,13 +176,4 @@ def run_label(cfg: LabelConfig) -> dict:
         stats["position_consistency"] = stats["consistent"] / max(stats["judged"], 1)
     run.finish(**stats)
     print(json.dumps(stats, indent=2) + f"\npreference data: {run.path / 'preferences.jsonl'}")
-    return stats
-
-
-def main(argv: list[str] | None = None) -> None:
-    from rlhfkit.config import parse
-
-    cfg = parse(LabelConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit label", description=LabelConfig.__doc__)
-    if not cfg.train:
-        raise SystemExit("error: --train PROMPTS is required")
-    run_label(cfg)
+    return run

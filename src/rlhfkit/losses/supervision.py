@@ -71,11 +71,6 @@ def prm_cross_entropy(step_logits: torch.Tensor, step_labels: torch.Tensor) -> t
     return F.cross_entropy(step_logits.float(), step_labels, ignore_index=-100)
 
 
-def step_label_class(label: int | None) -> int:
-    """Step label -1/0/+1 (None: unlabelled) -> class index 0/1/2 (-100: ignored)."""
-    return -100 if label is None else int(label) + 1
-
-
 def prm_aggregate(p_correct: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     """Solution score from per-step probabilities that the step is correct (reference §6):
 

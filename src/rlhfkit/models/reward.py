@@ -20,7 +20,8 @@ import math
 import torch
 from torch import nn
 
-from rlhfkit.data.template import pad, position_ids
+from rlhfkit.data.template import encode_prompt, encode_response, pad, position_ids, truncate
+from rlhfkit.models.loading import ensure_pad_token, load_tokenizer, resolve_model_path, tiny_config
 
 BIAS_KEY = "rlhfkit_reward_bias"  # config field: score = head output - bias (reference §1d)
 
@@ -154,8 +155,6 @@ def load_reward_model(spec: str, num_labels: int = 1, seed: int = 0, dtype=torch
     loads as it is; a causal LM gets a fresh head initialised N(0, 1/sqrt(d+1)) from ``seed``."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from rlhfkit.models.loading import ensure_pad_token, load_tokenizer, resolve_model_path, tiny_config
-
     tokenizer = load_tokenizer(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -199,8 +198,6 @@ def encode_pairs(tokenizer, prompts: list[list[dict]], responses: list, max_leng
 
 def _encode_pairs(tokenizer, prompts, responses, max_length: int) -> tuple[list[list[int]], list[int]]:
     """:func:`encode_pairs` and the number of response tokens at the end of each sequence."""
-    from rlhfkit.data.template import encode_prompt, encode_response, truncate
-
     seqs, n_response = [], []
     for p, r in zip(prompts, responses):
         resp = encode_response(tokenizer, r, p)[-(max_length - 1):]

@@ -1,10 +1,13 @@
 """Reward sources: a reward model, rule functions, a remote HTTP scorer, and weighted sums of them.
 
-Every source is called the same way, on text:
+Every source is a :class:`RewardSource` and is called the same way, on text:
 
-    source(prompts: list[list[message]], responses: list[str], meta: list[dict]) -> list[float]
+    source.score(prompts: list[list[message]], responses: list[str], meta: list[dict]) -> list[float]
 
-``meta`` carries each prompt record's other fields (a GSM8K reference answer, an id, ...).
+``meta`` carries each prompt record's other fields (a GSM8K reference answer, an id, ...). A reward
+model with an OOD detector also leaves, in ``source.last_ood``, which of the last call's responses
+lie off its training distribution (the RL monitors read it). Every source is built from its
+command-line string in one place, :func:`parse_reward`.
 
 On the command line a reward is one string, a sum of weighted terms::
 
@@ -24,7 +27,26 @@ import urllib.request
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
 import yaml
+
+from rlhfkit.device import place
+from rlhfkit.errors import ConfigError, RemoteError
+from rlhfkit.models.ood import OODDetector
+from rlhfkit.models.reward import load_reward_model, score, score_and_embed
+
+
+class RewardSource:
+    """The interface every reward implements: a ``name`` and ``score``. ``last_ood`` is None, or a bool
+    per response of the last ``score`` call: True where the response lies off the reward model's
+    training distribution."""
+
+    name: str = "reward"
+    last_ood: torch.Tensor | None = None
+
+    def score(self, prompts: list[list[dict]], responses: list[str], meta: list[dict] | None = None) -> list[float]:
+        raise NotImplementedError
+
 
 # ---------------------------------------------------------------------------------------------
 # rule terms: small pure functions of one response
@@ -94,7 +116,7 @@ def exact_answer(text: str, reference: str) -> float:
 
 
 @dataclass
-class RuleReward:
+class RuleReward(RewardSource):
     """A rule reward: the weighted sum of the terms that are switched on. Seed 004's example
     (required keywords, no banned words, a length window) is the first three terms.
 
@@ -136,7 +158,8 @@ class RuleReward:
             out["answer"] = exact_answer(text, meta[self.answer_field])
         return out
 
-    def __call__(self, prompts, responses, meta) -> list[float]:
+    def score(self, prompts, responses, meta=None) -> list[float]:
+        meta = meta or [{}] * len(responses)
         weights = {"keywords": self.w_keywords, "banned": self.w_banned, "length": self.w_length,
                    "repetition": self.w_repetition, "format": self.w_format, "answer": self.w_answer}
         return [sum(weights[k] * v for k, v in self.terms(r, m).items()) for r, m in zip(responses, meta)]
@@ -147,29 +170,25 @@ class RuleReward:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
-            raise SystemExit(f"error: rule file {path} not found") from None
+            raise ConfigError(f"rule file {path} not found") from None
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise SystemExit(f"error: {path}: unknown rule field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"{path}: unknown rule field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**data, **({} if "name" in data else {"name": f"rule:{Path(path).stem}"}))
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-class ModelReward:
+class ModelReward(RewardSource):
     """A saved reward model (``AutoModelForSequenceClassification``) scoring the whole dialogue. When its
     folder holds an ``ood.pt`` detector (written by ``rm train``), each call also flags the responses
     that lie off the RM's training distribution (``last_ood``): one forward pass gives both."""
 
     def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, device=None):
-        from rlhfkit.eval.monitors import OODDetector
-        from rlhfkit.models.reward import load_reward_model
-
         self.model, self.tokenizer = load_reward_model(path)
-        if device is not None:
-            self.model.to(device)
+        place(self.model, device)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.batch_size, self.max_length, self.name = batch_size, max_length, f"rm:{Path(path).name}"
@@ -177,9 +196,7 @@ class ModelReward:
         self.ood = OODDetector.load(detector) if detector.is_file() else None
         self.last_ood = None
 
-    def __call__(self, prompts, responses, meta) -> list[float]:
-        from rlhfkit.models.reward import score, score_and_embed
-
+    def score(self, prompts, responses, meta=None) -> list[float]:
         if self.ood is None or self.model.num_labels != 1:
             return score(self.model, self.tokenizer, prompts, responses, batch_size=self.batch_size,
                          max_length=self.max_length)
@@ -208,10 +225,10 @@ def post_json(url: str, payload: dict, timeout: float = 30.0, retries: int = 3, 
                 break  # a client error will not go away on retry
         except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
             error = f"{type(e).__name__}: {e}"
-    raise RuntimeError(f"{url}: {error} (after {attempt + 1} attempt(s))")
+    raise RemoteError(f"{url}: {error} (after {attempt + 1} attempt(s))")
 
 
-class RemoteReward:
+class RemoteReward(RewardSource):
     """An HTTP scorer. POSTs ``{"prompts": [[messages]], "responses": [str], "meta": [{}]}`` and expects
     ``{"rewards": [float, ...]}`` back, one per response (:func:`post_json`: timeouts and retries)."""
 
@@ -219,18 +236,19 @@ class RemoteReward:
         self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
         self.name = url
 
-    def __call__(self, prompts, responses, meta) -> list[float]:
+    def score(self, prompts, responses, meta=None) -> list[float]:
+        meta = meta or [{}] * len(responses)
         answer = post_json(self.url, {"prompts": prompts, "responses": responses, "meta": meta}, self.timeout,
                            self.retries, self.backoff)
         rewards = answer.get("rewards") if isinstance(answer, dict) else None
         if not isinstance(rewards, list) or len(rewards) != len(responses):
-            raise RuntimeError(f"remote reward {self.url}: expected {{'rewards': [{len(responses)} numbers]}}, "
+            raise RemoteError(f"remote reward {self.url}: expected {{'rewards': [{len(responses)} numbers]}}, "
                                f"got {str(answer)[:200]}")
         return [float(r) for r in rewards]
 
 
 @dataclass
-class CompositeReward:
+class CompositeReward(RewardSource):
     """sum_i w_i * source_i. ``last_terms`` keeps the latest per-source means for logging."""
 
     parts: list[tuple[float, object]]
@@ -245,37 +263,66 @@ class CompositeReward:
         """OOD flags of the last call from the first reward model with a detector (None if there is none)."""
         return next((s.last_ood for _, s in self.parts if getattr(s, "ood", None) is not None), None)
 
-    def __call__(self, prompts, responses, meta) -> list[float]:
+    def score(self, prompts, responses, meta=None) -> list[float]:
         total = [0.0] * len(responses)
         for w, source in self.parts:
-            values = source(prompts, responses, meta)
+            values = source.score(prompts, responses, meta)
             self.last_terms[source.name] = sum(values) / max(len(values), 1)
             total = [t + w * v for t, v in zip(total, values)]
         return total
 
 
-def parse_reward(spec: str, batch_size: int = 16, max_length: int = 1024, device=None) -> CompositeReward:
-    """A reward from its command-line string (see the module docstring)."""
-    parts = []
+def reward_terms(spec: str) -> list[tuple[float, str, str]]:
+    """The terms of a ``--reward`` string: (weight, kind, target) with kind 'http', 'rule' or 'rm'.
+
+    >>> reward_terms("2*rule:r.yaml + runs/rm/final")
+    [(2.0, 'rule', 'r.yaml'), (1.0, 'rm', 'runs/rm/final')]
+    """
+    out = []
     for term in (t.strip() for t in spec.split("+")):
         if not term:
-            raise SystemExit(f"error: --reward {spec!r}: empty term")
+            raise ConfigError(f"--reward {spec!r}: empty term")
         weight = 1.0
         head, star, rest = term.partition("*")
         if star:
             try:
                 weight, term = float(head), rest.strip()
             except ValueError:
-                raise SystemExit(f"error: --reward {spec!r}: '{head}' is not a weight") from None
+                raise ConfigError(f"--reward {spec!r}: '{head}' is not a weight") from None
         if term.startswith(("http://", "https://")):
-            source = RemoteReward(term)
+            out.append((weight, "http", term))
         elif term.startswith("rule:") or term.endswith((".yaml", ".yml")):
-            source = RuleReward.from_file(term.removeprefix("rule:"))
+            out.append((weight, "rule", term.removeprefix("rule:")))
         else:
-            path = term.removeprefix("rm:")
-            if not Path(path).exists():
-                raise SystemExit(f"error: --reward: reward model {path} not found (expected a saved reward model "
-                                 f"folder, rule:FILE.yaml or an http(s) URL)")
-            source = ModelReward(path, batch_size, max_length, device)
+            out.append((weight, "rm", term.removeprefix("rm:")))
+    return out
+
+
+def single_reward_model(spec: str) -> str | None:
+    """The folder when ``spec`` is one reward model with weight 1 (PPO's critic starts from it), else None."""
+    terms = reward_terms(spec)
+    return terms[0][2] if len(terms) == 1 and terms[0][:2] == (1.0, "rm") else None
+
+
+def parse_reward(spec: str, batch_size: int = 16, max_length: int = 1024, device=None, timeout: float = 30.0,
+                 retries: int = 3) -> CompositeReward:
+    """A reward from its command-line string (see the module docstring). Reward models go to ``device``;
+    http(s) scorers get ``timeout`` seconds per request and ``retries`` retries."""
+    parts = []
+    for weight, kind, target in reward_terms(spec):
+        if kind == "http":
+            source = RemoteReward(target, timeout, retries)
+        elif kind == "rule":
+            source = RuleReward.from_file(target)
+        else:
+            if not Path(target).exists():
+                raise ConfigError(f"--reward: reward model {target} not found (expected a saved reward model "
+                                  f"folder, rule:FILE.yaml or an http(s) URL)")
+            source = ModelReward(target, batch_size, max_length, device)
         parts.append((weight, source))
     return CompositeReward(parts)
+
+
+def reward_from(cfg, spec: str, device=None) -> CompositeReward:
+    """:func:`parse_reward` with a sampling stage's reward flags (``SamplingArgs``)."""
+    return parse_reward(spec, cfg.reward_batch_size, cfg.max_length, device, cfg.reward_timeout, cfg.reward_retries)

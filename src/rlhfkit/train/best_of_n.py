@@ -15,16 +15,18 @@ the mean score of a single sample (n = 1) against the mean of the best, with KL_
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.config import DataArgs, ModelArgs, RunArgs
+from rlhfkit.config import DataArgs, ModelArgs, RunArgs, print_config
+from rlhfkit.errors import ConfigError
 from rlhfkit.losses.kl import best_of_n_kl
-from rlhfkit.models import load_causal_lm
-from rlhfkit.rollout.rewards import parse_reward
-from rlhfkit.train.rl import SamplingArgs, prompts_from, rollout_phase
+from rlhfkit.models import disable_dropout, load_causal_lm
+from rlhfkit.rollout.engine import make_engine
+from rlhfkit.rollout.phase import SamplingArgs, prompts_from, rollout_phase
+from rlhfkit.rollout.rewards import reward_from
+from rlhfkit.run import Run, progress
 
 
 @dataclass
@@ -36,19 +38,27 @@ class BoNConfig(RunArgs, DataArgs, ModelArgs, SamplingArgs):
     batch_size: int = 8
     """Prompts per sampling batch (each gives n sequences)."""
 
+    def resolve(self) -> BoNConfig:
+        if not self.train or not self.reward:
+            raise ConfigError("bon: --train PROMPTS and --reward are required")
+        if self.n < 2:
+            raise ConfigError("bon: --n must be at least 2")
+        return self
+
 
 def best_of(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of the best and worst sample of each prompt: (P, n) -> (P,), (P,). Ties go to the first."""
     return scores.argmax(1), scores.argmin(1)
 
 
-def run_bon(cfg: BoNConfig):
-    from rlhfkit.run import Run
-    from rlhfkit.train.common import progress
-
+def run(cfg: BoNConfig) -> Run:
+    cfg.resolve()
+    print_config(cfg)
     run = Run.open(cfg, "bon", inputs={"train": cfg.train, "model": cfg.model})
     policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
-    reward = parse_reward(cfg.reward, cfg.reward_batch_size, cfg.max_length)
+    disable_dropout(policy)
+    engine = make_engine(cfg.rollout, policy.eval())
+    reward = reward_from(cfg, cfg.reward, engine.device)
     prompts = prompts_from(cfg, tokenizer)
     records = prompts.records
     first, best, worst = [], [], []
@@ -57,7 +67,7 @@ def run_bon(cfg: BoNConfig):
         for start in progress(range(0, len(records), cfg.batch_size), cfg.progress, f"best-of-{cfg.n}"):
             idx = list(range(start, min(start + cfg.batch_size, len(records))))
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
-            batch = rollout_phase(policy, tokenizer, reward, prompts, idx, cfg.n, cfg, g)
+            batch = rollout_phase(engine, tokenizer, reward, prompts, idx, cfg.n, cfg, g)
             scores = batch.scores.view(len(idx), cfg.n)
             hi, lo = best_of(scores)
             for j, i in enumerate(idx):
@@ -84,12 +94,3 @@ def run_bon(cfg: BoNConfig):
           f"(one sample: {summary['mean_score_n1']:.4f}) at KL_bon = log n - (n-1)/n = {summary['kl_bon']:.4f}\n"
           f"SFT data: {run.path / 'best.jsonl'}; preference pairs: {run.path / 'pairs.jsonl'}")
     return run
-
-
-def main(argv: list[str] | None = None) -> None:
-    from rlhfkit.config import parse
-
-    cfg = parse(BoNConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit bon", description=BoNConfig.__doc__)
-    if not cfg.train or not cfg.reward:
-        raise SystemExit("error: --train PROMPTS and --reward are required")
-    run_bon(cfg)

@@ -14,36 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.config import ModelArgs, OptimArgs, accumulation_steps
-
-
-def make_accelerator(cfg: ModelArgs, grad_accum: int = 1):
-    """An ``accelerate.Accelerator`` for this process: device, bf16 autocast, accumulation."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import GradientAccumulationPlugin
-
-    # Several stages may run one after another in one process (the pipeline, the tests), each with
-    # its own precision and accumulation: start each from a fresh accelerate state. The process
-    # group itself (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    plugin = GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False)
-    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_plugin=plugin)
-
-
-def world_size() -> int:
-    """Processes in this launch, known before the accelerator exists (set by accelerate launch)."""
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
+from rlhfkit.config import ModelArgs, OptimArgs, accumulation_steps, print_config
+from rlhfkit.data.batching import split_by_tokens
+from rlhfkit.device import make_accelerator, world_size
+from rlhfkit.errors import StoppedError
+from rlhfkit.models import apply_lora, disable_dropout, merged
+from rlhfkit.run import NonFiniteError, Run, check_finite
 
 
 def prepare_model(model, cfg: ModelArgs, modules_to_save: list[str] | None = None):
     """Dropout off, frozen bottom layers, gradient checkpointing, LoRA, then frozen linear weights
     in bf16 under bf16 mixed precision: in that order, on a freshly loaded model."""
-    from rlhfkit.models import apply_lora, disable_dropout
-
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.trainable_layers > 0:
@@ -159,19 +140,8 @@ def total_steps(cfg: OptimArgs, plan: BatchPlan) -> int:
     return cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * plan.steps_per_epoch
 
 
-def progress(iterable, enabled: bool, desc: str, initial: int = 0, total: int | None = None):
-    """A tqdm bar with ETA on the main process; the plain iterable elsewhere."""
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, initial=initial, total=total, dynamic_ncols=True)
-
-
 def save_hf(accelerator, model, tokenizer, folder) -> None:
     """Save ``model`` in Hugging Face format, LoRA merged in, with its tokenizer."""
-    from rlhfkit.models import merged
-
     unwrapped = accelerator.unwrap_model(model)
     if hasattr(unwrapped, "merge_and_unload") or any(p.dtype != torch.float32 for p in unwrapped.parameters()):
         import copy
@@ -193,9 +163,6 @@ def start_stage(cfg, stage: str, inputs: dict[str, str], accum: int | None = Non
     """Accelerator, run directory and a main-process ``log`` for a stage; prints the config.
     Validates the batch arithmetic before anything is loaded (``accum``: the stage worked out its
     own micro-batches per optimiser step, as the RL stages do)."""
-    from rlhfkit.config import print_config
-    from rlhfkit.run import Run
-
     if accum is None:
         accum = accumulation_steps(cfg.batch_size, cfg.micro_batch_size, world_size())
     accelerator = make_accelerator(cfg, accum)
@@ -254,27 +221,8 @@ def micro_step(accelerator, model, last: bool):
     return contextlib.nullcontext() if last else accelerator.no_sync(model)
 
 
-def split_by_tokens(items: list, lengths: list[int], budget: int) -> list[list]:
-    """Cut ``items`` (sorted by length) into consecutive micro-batches whose padded size, count x
-    longest, stays within ``budget`` tokens; an item longer than the budget goes alone.
-
-    >>> split_by_tokens(list("abcde"), [1, 2, 3, 4, 9], 8)
-    [['a', 'b'], ['c', 'd'], ['e']]
-    """
-    out, cur, longest = [], [], 0
-    for item, n in zip(items, lengths):
-        if cur and (len(cur) + 1) * max(longest, n) > budget:
-            out.append(cur)
-            cur, longest = [], 0
-        cur.append(item)
-        longest = max(longest, n)
-    return out + ([cur] if cur else [])
-
-
 def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float, step: int) -> tuple[float, float]:
     """Clip, check for NaN/inf, step, schedule, zero. Returns (grad norm, the lr this step used)."""
-    from rlhfkit.run import check_finite
-
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     check_finite(step, grad_norm=grad_norm)
@@ -323,9 +271,7 @@ class stop_on_nonfinite:
         return self
 
     def __exit__(self, kind, err, tb):
-        from rlhfkit.run import NonFiniteError
-
         if kind is not None and issubclass(kind, NonFiniteError):
             self.run.fail(str(err))
-            raise SystemExit(f"stopped: {err}; the last good checkpoint is {self.run.latest_checkpoint()}") from None
+            raise StoppedError(f"stopped: {err}; the last good checkpoint is {self.run.latest_checkpoint()}") from None
         return False

@@ -17,7 +17,6 @@ boundary is identical for chosen and rejected by construction.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,23 +25,24 @@ import torch
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
 from rlhfkit.data import pad
 from rlhfkit.data.split import load_train_eval
+from rlhfkit.errors import ConfigError
 from rlhfkit.losses.dpo import DPO_LOSSES, LENGTH_AVERAGED, implicit_rewards
+from rlhfkit.models.groups import encode_groups, eval_chunks, group_tokens
 from rlhfkit.models.reward import pack_shared_prefix
-from rlhfkit.run import check_finite
+from rlhfkit.rollout.phase import Reference
+from rlhfkit.run import Run, check_finite, progress
 from rlhfkit.train.common import (
     backward,
     micro_step,
     optimizer_step,
     prepare_training,
-    progress,
     release_freed_memory,
     save_hf,
     should_save,
     start_stage,
     stop_on_nonfinite,
 )
-from rlhfkit.train.reward import encode_groups, eval_chunks, group_tokens
-from rlhfkit.train.rl import Reference, load_policy
+from rlhfkit.train.rl import load_policy, plot_curves
 
 
 @dataclass
@@ -71,6 +71,11 @@ class DPOConfig(RunArgs, OptimArgs, DataArgs, ModelArgs):
     """Pairs per optimiser step."""
     micro_batch_size: int = 4
     """Pairs per forward pass."""
+
+    def resolve(self) -> DPOConfig:
+        if not self.train:
+            raise ConfigError("dpo: --train PAIRS is required")
+        return self
 
 
 def sequence_logprobs(model, groups, pad_id: int, share_prefix: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +161,8 @@ def evaluate(model, reference, groups, cfg: DPOConfig, pad_id: int, accelerator,
     return {k: v / max(len(groups), 1) for k, v in sums.items()}
 
 
-def train(cfg: DPOConfig):
+def run(cfg: DPOConfig) -> Run:
+    cfg.resolve()
     accelerator, run, log = start_stage(cfg, "dpo", {"train": cfg.train, "eval": cfg.eval, "model": cfg.model},
                                         accum=1 if cfg.micro_batch_tokens else None)
     with stop_on_nonfinite(run):
@@ -242,8 +248,6 @@ def train(cfg: DPOConfig):
                 run.log(steps, **{f"eval_{k}": v for k, v in after.items()})
             log(f"held-out after training: loss {after['loss']:.4f}, rewards/accuracies {after['rewards/accuracies']:.3f}, "
                 f"margins {after['rewards/margins']:.4f}")
-        from rlhfkit.train.rl import plot_curves
-
         if accelerator.is_main_process and plot_curves(run.path / "metrics.jsonl", run.path / "curves.png", CURVES,
                                                        run.path.name):
             log(f"curves: {run.path / 'curves.png'}")
@@ -255,12 +259,3 @@ def train(cfg: DPOConfig):
 
 CURVES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "eval_loss",
           "eval_rewards/accuracies", "eval_rewards/margins"]
-
-
-def main(argv: list[str] | None = None) -> None:
-    from rlhfkit.config import parse
-
-    cfg = parse(DPOConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit dpo", description=DPOConfig.__doc__)
-    if not cfg.train:
-        raise SystemExit("error: --train PAIRS is required")
-    train(cfg)

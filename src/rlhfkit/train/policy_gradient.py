@@ -18,27 +18,23 @@ choice) follows the gradient of the *forward* KL(pi_ref || pi); k2's gradient is
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
+from rlhfkit.errors import ConfigError
 from rlhfkit.eval.monitors import MonitorArgs
 from rlhfkit.losses.advantages import grpo_advantages, reinforce_advantages, rloo_advantages
 from rlhfkit.losses.kl import kl_penalty
-from rlhfkit.losses.ppo import aggregate, policy_loss
+from rlhfkit.losses.ppo import aggregate, entropy, policy_loss
+from rlhfkit.rollout.phase import SamplingArgs, rollout_phase
 from rlhfkit.rollout.sampler import gather_logprobs, response_logits
-from rlhfkit.train.common import (
-    backward,
-    optimizer_step,
-    progress,
-    stop_on_nonfinite,
-)
+from rlhfkit.run import Run, progress
+from rlhfkit.train.common import backward, optimizer_step, stop_on_nonfinite
 from rlhfkit.train.rl import (
     KLArgs,
-    SamplingArgs,
     end_step,
     finish,
     logprob_phase,
@@ -47,7 +43,6 @@ from rlhfkit.train.rl import (
     minibatches,
     prepare_rl,
     rollout_metrics,
-    rollout_phase,
     start_rl,
     step_generator,
     sum_stats,
@@ -100,12 +95,22 @@ class PGConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, KLArgs, Mo
     eval_size: float = 64
     """Prompts held out of --train for the final comparison with the reference."""
 
+    def resolve(self) -> PGConfig:
+        if not self.train:
+            raise ConfigError("pg: --train PROMPTS is required")
+        if not self.reward:
+            raise ConfigError("pg: --reward is required (a reward-model folder, rule:FILE.yaml or an http(s) URL)")
+        if self.samples_per_prompt < 1:
+            raise ConfigError("pg: --samples-per-prompt must be at least 1")
+        if self.kl_in == "loss" and self.kl_estimator == "k1" and self.beta:
+            warnings.warn("--kl-in loss with k1: its gradient is zero in expectation on-policy (reference §2.2); "
+                          "use --kl-estimator k3 (GRPO) or k2", stacklevel=2)
+        return self
+
 
 def pg_loss(logits, tokens, old_logp, ref_logp, advantages, mask, cfg, beta: float, total):
     """One micro-batch's loss: agg(PPO-clip with sequence advantages) [+ beta * agg(KL_t) with --kl-in loss]
     [- entropy_coef * agg(H)]. Returns (loss, summed statistics)."""
-    from rlhfkit.losses.ppo import entropy
-
     mode = aggregation(cfg)
     logp = gather_logprobs(logits, tokens)
     adv = advantages[:, None].expand_as(logp)
@@ -128,10 +133,8 @@ def aggregation(cfg: PGConfig) -> str:
     return DEFAULT_AGGREGATION[cfg.estimator] if cfg.loss_aggregation == "auto" else cfg.loss_aggregation
 
 
-def train(cfg: PGConfig):
-    if cfg.kl_in == "loss" and cfg.kl_estimator == "k1" and cfg.beta:
-        warnings.warn("--kl-in loss with k1: its gradient is zero in expectation on-policy (reference §2.2); "
-                      "use --kl-estimator k3 (GRPO) or k2", stacklevel=1)
+def run(cfg: PGConfig) -> Run:
+    cfg.resolve()
     k = cfg.samples_per_prompt
     s = start_rl(cfg, "pg", k)
     accelerator, tokenizer, reference, reward = s.accelerator, s.tokenizer, s.reference, s.reward
@@ -145,7 +148,7 @@ def train(cfg: PGConfig):
             g = step_generator(cfg, step, accelerator.process_index)
             with accelerator.autocast():
                 # 1. rollout: k samples per prompt, and # 3. score
-                batch = rollout_phase(inner, tokenizer, reward, s.prompts, s.plan.micro_batches(step)[0], k, cfg, g)
+                batch = rollout_phase(s.engine, tokenizer, reward, s.prompts, s.plan.micro_batches(step)[0], k, cfg, g)
                 ro, mask = batch.rollout, batch.rollout.response_mask.float()
                 # 2. logprobs of pi_old and pi_ref at T
                 t0 = time.perf_counter()
@@ -177,6 +180,7 @@ def train(cfg: PGConfig):
                         first_ratio = (stats["ratio"] / stats["tokens"].clamp(min=1)).item()
                     sum_stats(sums, stats)
                 grad_norm, lr = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step + 1)
+            s.engine.sync_weights(inner)
 
             # 7. KL controller and logging
             metrics = rollout_metrics(accelerator, batch, old_logp, ref_logp, mask, beta)
@@ -190,12 +194,3 @@ def train(cfg: PGConfig):
             end_step(s, cfg, bar, step, metrics, batch)
 
         return finish(s, cfg, inner, CURVES)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from rlhfkit.config import parse
-
-    cfg = parse(PGConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit pg", description=PGConfig.__doc__)
-    if not cfg.train:
-        raise SystemExit("error: --train PROMPTS is required")
-    train(cfg)

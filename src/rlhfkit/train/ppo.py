@@ -20,7 +20,8 @@ actor-critic loss -A*log pi + vf_coef * 0.5 (V - R)^2.
 
 from __future__ import annotations
 
-import sys
+import itertools
+import random
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -28,21 +29,23 @@ from typing import Literal
 from torch import nn
 
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
+from rlhfkit.data import load_records
+from rlhfkit.data.batching import collate
+from rlhfkit.data.template import encode_examples
+from rlhfkit.errors import ConfigError
 from rlhfkit.eval.monitors import MonitorArgs
 from rlhfkit.losses.advantages import gae, token_rewards, whiten
 from rlhfkit.losses.kl import kl_penalty
 from rlhfkit.losses.lm import sft_loss
 from rlhfkit.losses.ppo import aggregate, entropy, policy_loss, value_loss
+from rlhfkit.models.reward import BIAS_KEY, init_reward_head, load_reward_model
+from rlhfkit.rollout.phase import SamplingArgs, rollout_phase
+from rlhfkit.rollout.rewards import single_reward_model
 from rlhfkit.rollout.sampler import Rollout, gather_logprobs, response_logits, response_values
-from rlhfkit.train.common import (
-    backward,
-    optimizer_step,
-    progress,
-    stop_on_nonfinite,
-)
+from rlhfkit.run import Run, progress
+from rlhfkit.train.common import backward, optimizer_step, prepare_model, stop_on_nonfinite
 from rlhfkit.train.rl import (
     KLArgs,
-    SamplingArgs,
     end_step,
     explained_variance,
     finish,
@@ -52,7 +55,6 @@ from rlhfkit.train.rl import (
     minibatches,
     prepare_rl,
     rollout_metrics,
-    rollout_phase,
     start_rl,
     step_generator,
     sum_stats,
@@ -116,6 +118,18 @@ class PPOConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, KLArgs, M
     eval_size: float = 64
     """Prompts held out of --train for the final comparison with the reference."""
 
+    def resolve(self) -> PPOConfig:
+        """The preset's fields, then the checks: one place for the CLI and the pipeline."""
+        for key, value in PRESETS[self.preset].items():
+            setattr(self, key, value)
+        if not self.train:
+            raise ConfigError("ppo: --train PROMPTS is required")
+        if not self.reward:
+            raise ConfigError("ppo: --reward is required (a reward-model folder, rule:FILE.yaml or an http(s) URL)")
+        if self.ptx_coef and not self.ptx_data:
+            raise ConfigError("ppo: --ptx-coef needs --ptx-data FILE (demonstrations)")
+        return self
+
 
 class ActorCritic(nn.Module):
     """Policy and value model as one module, so one optimiser and one DDP wrapper see both."""
@@ -134,15 +148,7 @@ class ActorCritic(nn.Module):
 def load_critic(cfg):
     """The value model: the reward model's (or policy's) backbone with a zero-initialised scalar head
     (reference §1c item 11), prepared like the policy (LoRA or frozen layers, dropout off)."""
-    from rlhfkit.models.reward import BIAS_KEY, init_reward_head, load_reward_model
-    from rlhfkit.train.common import prepare_model
-
-    spec = cfg.critic
-    if not spec:
-        terms = [t.strip() for t in cfg.reward.split("+")]
-        rm_only = len(terms) == 1 and not terms[0].startswith(("rule:", "http")) and "*" not in terms[0] \
-            and not terms[0].endswith((".yaml", ".yml"))
-        spec = terms[0].removeprefix("rm:") if rm_only else cfg.model
+    spec = cfg.critic or single_reward_model(cfg.reward) or cfg.model
     critic, _ = load_reward_model(spec, num_labels=1, seed=cfg.seed)
     init_reward_head(critic.hf.score, zero=True)
     setattr(critic.hf.config, BIAS_KEY, 0.0)
@@ -172,7 +178,8 @@ def ppo_loss(logits, values, tokens, old_logp, old_values, advantages, returns, 
     return loss, {k: v.detach().float() for k, v in stats.items()}
 
 
-def train(cfg: PPOConfig):
+def run(cfg: PPOConfig) -> Run:
+    cfg.resolve()
     s = start_rl(cfg, "ppo", inputs={"ptx": cfg.ptx_data})
     accelerator, tokenizer, reference, reward = s.accelerator, s.tokenizer, s.reference, s.reward
     with stop_on_nonfinite(s.run):
@@ -180,7 +187,8 @@ def train(cfg: PPOConfig):
         critic, critic_spec = load_critic(cfg)
         ptx = load_ptx(cfg, s.tokenizer) if cfg.ptx_coef else None
         s.log(f"critic: {critic_spec} with a zero-initialised value head")
-        model, optimizer, scheduler, start, inner = prepare_rl(s, cfg, ActorCritic(s.policy, critic))
+        model, optimizer, scheduler, start, inner = prepare_rl(s, cfg, ActorCritic(s.policy, critic),
+                                                               policy_of=lambda m: m.policy)
         T, world = cfg.temperature, accelerator.num_processes
 
         bar = progress(range(start, s.steps), accelerator.is_main_process and cfg.progress, "ppo", start, s.steps)
@@ -188,7 +196,7 @@ def train(cfg: PPOConfig):
             g = step_generator(cfg, step, accelerator.process_index)
             with accelerator.autocast():
                 # 1. rollout, and # 3. score (the reward source reads the decoded text)
-                batch = rollout_phase(inner.policy, tokenizer, reward, s.prompts, s.plan.micro_batches(step)[0], 1, cfg, g)
+                batch = rollout_phase(s.engine, tokenizer, reward, s.prompts, s.plan.micro_batches(step)[0], 1, cfg, g)
                 ro, mask = batch.rollout, batch.rollout.response_mask.float()
                 # 2. logprobs of the policy (pi_old) and the reference at T, and the critic's values
                 t0 = time.perf_counter()
@@ -229,6 +237,7 @@ def train(cfg: PPOConfig):
                         first_ratio = (stats["ratio"] / stats["tokens"].clamp(min=1)).item()
                     sum_stats(sums, stats)
                 grad_norm, lr = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step + 1)
+            s.engine.sync_weights(inner.policy)
 
             # 7. KL controller (on the mean summed k1 of the batch) and logging
             metrics = rollout_metrics(accelerator, batch, old_logp, ref_logp, mask, s.kl_ctl.beta)
@@ -248,15 +257,6 @@ def train(cfg: PPOConfig):
 
 def load_ptx(cfg, tokenizer):
     """An endless iterator of demonstration micro-batches for PPO-ptx: {"batch": tensors, "tokens": count}."""
-    import itertools
-    import random
-
-    from rlhfkit.data import load_records
-    from rlhfkit.data.template import encode_examples
-    from rlhfkit.train.sft import collate
-
-    if not cfg.ptx_data:
-        raise SystemExit("error: --ptx-coef needs --ptx-data FILE (demonstrations)")
     records = load_records(cfg.ptx_data, kind="demonstration", fields=cfg.fields).records
     examples, _ = encode_examples(tokenizer, [(r.prompt, r.response, r.source) for r in records], cfg.max_length, cfg.truncation)
     rng = random.Random(cfg.seed)
@@ -271,14 +271,3 @@ def load_ptx(cfg, tokenizer):
                 yield {"batch": batch, "tokens": max(int((batch["labels"][:, 1:] != -100).sum()), 1)}
 
     return batches()
-
-
-def main(argv: list[str] | None = None) -> None:
-    from rlhfkit.config import parse
-
-    cfg = parse(PPOConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit ppo", description=PPOConfig.__doc__)
-    for key, value in PRESETS[cfg.preset].items():
-        setattr(cfg, key, value)
-    if not cfg.train:
-        raise SystemExit("error: --train PROMPTS is required")
-    train(cfg)

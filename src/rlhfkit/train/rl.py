@@ -1,47 +1,41 @@
-"""What the RL stages (``ppo``, ``pg``, ``bon``) share: their sampling and KL flags, the policy and
-its frozen reference, prompts, one rollout phase (sample, decode, score), the held-out comparison
-of the policy with its reference, and the curves. Each algorithm's loop stays in its own file.
+"""What the RL training stages (``ppo``, ``pg``) share: their KL flags, the policy, the set-up before
+the loop (run, policy, reference, rollout engine, reward, prompts, schedule), the logprob phase,
+minibatches, logging, and the held-out comparison of the policy with its reference at the end. The
+rollout vocabulary (sampling flags, prompts, the rollout phase, the reference) is in
+:mod:`rlhfkit.rollout.phase`; each algorithm's loop stays in its own file.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 
-from rlhfkit.data.split import load_train_eval
-from rlhfkit.data.template import encode_prompt
+from rlhfkit.errors import ConfigError
+from rlhfkit.eval.monitors import Monitor
+from rlhfkit.eval.policy import compare_policies, summary_line
+from rlhfkit.eval.report import plot_series, rows_of, write_report
 from rlhfkit.losses.advantages import masked_var
-from rlhfkit.losses.kl import kl_penalty
-from rlhfkit.rollout.sampler import Rollout, response_logprobs, sample
-
-
-@dataclass
-class SamplingArgs:
-    reward: str = ""
-    """Reward: a saved reward-model folder, rule:FILE.yaml, an http(s):// scorer, or a weighted sum
-    such as '1.0*runs/rm/final + 0.5*rule:r.yaml'."""
-    max_new_tokens: int = 48
-    """Most tokens sampled per response."""
-    min_new_tokens: int = 0
-    """EOS is forbidden before this many tokens."""
-    temperature: float = 0.7
-    """Sampling temperature; training and reference logprobs use the same one (0: greedy)."""
-    top_k: int = 0
-    """Sample from the k most likely tokens only (0: all)."""
-    top_p: float = 1.0
-    """Nucleus sampling: the smallest set of tokens with this much probability."""
-    missing_eos_penalty: float = 0.0
-    """The 'EOS trick': subtracted from the score of a response that hit max_new_tokens without EOS."""
-    reward_batch_size: int = 16
-    """Responses per reward-model forward pass."""
-    eval_prompts: int = 64
-    """Held-out prompts for the final policy-vs-reference comparison (from --eval or --eval-size)."""
-    eval_temperature: float = -1.0
-    """Temperature of the held-out comparison (-1: the training temperature)."""
+from rlhfkit.losses.kl import kl_controller, kl_penalty
+from rlhfkit.losses.ppo import aggregate_total
+from rlhfkit.models import load_causal_lm
+from rlhfkit.rollout.engine import RolloutEngine, make_engine
+from rlhfkit.rollout.phase import Batch, Prompts, Reference, load_prompts, response_stats
+from rlhfkit.rollout.rewards import CompositeReward, reward_from
+from rlhfkit.rollout.sampler import Rollout, response_logprobs, response_values
+from rlhfkit.train.common import (
+    BatchPlan,
+    prepare_model,
+    prepare_optimisation,
+    save_hf,
+    should_save,
+    start_stage,
+    total_steps,
+    world_size,
+)
 
 
 @dataclass
@@ -65,151 +59,8 @@ class KLArgs:
 
 def load_policy(cfg):
     """The policy (dropout off, LoRA or partly frozen, as the config says) and its tokenizer."""
-    from rlhfkit.models import load_causal_lm
-    from rlhfkit.train.common import prepare_model
-
     policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
     return prepare_model(policy, cfg), tokenizer
-
-
-class Reference:
-    """The frozen reference policy pi_ref. With LoRA it is the same model with the adapter switched off
-    (no second copy); otherwise a frozen copy taken before training, or the model ``spec`` names."""
-
-    def __init__(self, policy, mixed_precision: str = "no", spec: str = ""):
-        self.policy = policy
-        self.copy = None
-        if spec:
-            from rlhfkit.models import disable_dropout, load_causal_lm
-
-            self.copy = load_causal_lm(spec)[0]
-            disable_dropout(self.copy)
-        elif not hasattr(policy, "disable_adapter"):
-            import copy
-
-            self.copy = copy.deepcopy(policy)
-        if self.copy is not None:
-            self.copy.eval()
-            for p in self.copy.parameters():
-                p.requires_grad_(False)
-            if mixed_precision == "bf16":
-                self.copy.to(torch.bfloat16)
-
-    def to(self, device) -> Reference:
-        if self.copy is not None:
-            self.copy.to(device)
-        return self
-
-    def model(self, policy):
-        """A context manager in which ``policy`` (possibly DDP-unwrapped) computes pi_ref, and the model to call."""
-        import contextlib
-
-        if self.copy is not None:
-            return contextlib.nullcontext(), self.copy
-        return policy.disable_adapter(), policy
-
-    @torch.no_grad()
-    def logprobs(self, policy, rollout: Rollout, temperature: float) -> torch.Tensor:
-        ctx, model = self.model(policy)
-        with ctx:
-            return response_logprobs(model, rollout, temperature)
-
-    @torch.no_grad()
-    def sample(self, policy, *args, **kwargs) -> Rollout:
-        ctx, model = self.model(policy)
-        with ctx:
-            return sample(model, *args, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# prompts
-
-
-@dataclass
-class Prompts:
-    records: list
-    ids: list[list[int]]
-
-
-def encode_prompts(tokenizer, records, cfg, log) -> Prompts:
-    """Chat-templated prompt ids; prompts longer than max_length - max_new_tokens lose their oldest
-    tokens (counted and reported)."""
-    budget = cfg.max_length - cfg.max_new_tokens
-    if budget < 8:
-        raise SystemExit(f"error: --max-length {cfg.max_length} leaves no room for prompts after "
-                         f"--max-new-tokens {cfg.max_new_tokens}")
-    ids = [encode_prompt(tokenizer, r.prompt) for r in records]
-    cut = sum(len(x) > budget for x in ids)
-    if cut:
-        log(f"{cut} prompts longer than {budget} tokens lost their oldest tokens")
-    return Prompts(records, [x[-budget:] for x in ids])
-
-
-def load_prompts(cfg, tokenizer, log) -> tuple[Prompts, Prompts]:
-    """Training and held-out prompts (the first --eval-prompts of the held-out split), chat-templated."""
-    train, held, _ = load_train_eval(cfg, "prompt", log)
-    return encode_prompts(tokenizer, train, cfg, log), encode_prompts(tokenizer, held[: cfg.eval_prompts], cfg, log)
-
-
-def prompts_from(cfg, tokenizer) -> Prompts:
-    """All prompts of ``--train`` (first ``--limit``), chat-templated (the sampling stages without a
-    held-out split: bon, label)."""
-    from rlhfkit.data import load_records
-
-    records = load_records(cfg.train, kind="prompt", fields=cfg.fields, on_bad_record=cfg.on_bad_record).records
-    return encode_prompts(tokenizer, records[: cfg.limit] if cfg.limit else records, cfg, print)
-
-
-# ---------------------------------------------------------------------------------------------
-# one rollout phase
-
-
-@dataclass
-class Batch:
-    """A scored rollout: each prompt repeated k times, consecutive."""
-
-    rollout: Rollout
-    records: list
-    texts: list[str]
-    scores: torch.Tensor  # (B,) after the missing-EOS penalty
-    raw_scores: torch.Tensor  # (B,) as the reward source gave them
-    seconds: dict
-
-
-def sampling_kwargs(cfg, tokenizer, temperature: float | None = None) -> dict:
-    return dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature if temperature is None else temperature, top_k=cfg.top_k,
-                top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens)
-
-
-def decode(tokenizer, rollout: Rollout) -> list[str]:
-    return [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
-            for r, m in zip(rollout.response_ids, rollout.response_mask)]
-
-
-def score_texts(reward, records, texts: list[str], rollout: Rollout, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(score after the missing-EOS penalty, raw score) for each response. The reward sees the
-    response text without EOS and the whole prompt conversation."""
-    raw = torch.tensor(reward([r.prompt for r in records], texts, [r.meta for r in records]), dtype=torch.float32)
-    return raw - penalty * (~rollout.eos).float(), raw
-
-
-def rollout_phase(policy, tokenizer, reward, prompts: Prompts, indices: list[int], k: int, cfg, generator,
-                  sampler=sample) -> Batch:
-    """# 1. sample k responses per prompt, # 3. score them (the logprob phase is the stage's own)."""
-    t0 = time.perf_counter()
-    ids = [prompts.ids[i] for i in indices for _ in range(k)]
-    records = [prompts.records[i] for i in indices for _ in range(k)]
-    rollout = sampler(policy, ids, **sampling_kwargs(cfg, tokenizer), generator=generator)
-    t1 = time.perf_counter()
-    texts = decode(tokenizer, rollout)
-    scores, raw = score_texts(reward, records, texts, rollout, cfg.missing_eos_penalty)
-    return Batch(rollout, records, texts, scores, raw, {"time_generate": t1 - t0, "time_score": time.perf_counter() - t1})
-
-
-def response_stats(rollout: Rollout) -> dict:
-    lengths = rollout.lengths.float()
-    return {"response_length": lengths.mean().item(), "eos_rate": rollout.eos.float().mean().item()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,11 +70,7 @@ def response_stats(rollout: Rollout) -> dict:
 def plot_curves(metrics_path, png_path, keys: list[str], title: str = "") -> bool:
     """One small panel per metric over steps, from metrics.jsonl (the report's plot_series). False when
     matplotlib is missing or there is nothing to draw."""
-    from pathlib import Path
-
     try:
-        from rlhfkit.eval.report import plot_series, rows_of
-
         png_path = Path(png_path)
         return plot_series(rows_of(Path(metrics_path)), [(k, k) for k in keys], png_path.parent, png_path.name,
                            title) is not None
@@ -246,35 +93,28 @@ class RLSetup:
     policy: object
     tokenizer: object
     reference: Reference
-    reward: object
+    reward: CompositeReward
     prompts: Prompts
     held: Prompts
     plan: object
     steps: int
     kl_ctl: object
-    minibatch: int
-    monitor: object
-    gold: object  # a reward source that is watched, never optimised (None without --gold)
+    monitor: Monitor
+    gold: CompositeReward | None  # watched, never optimised (None without --gold)
+    engine: RolloutEngine | None = None  # made by prepare_rl, over the prepared policy
 
 
 def start_rl(cfg, stage: str, k: int = 1, inputs: dict | None = None) -> RLSetup:
     """Check the batch arithmetic, open the run, load the policy, reference, reward and prompts, and
     plan which prompts each step samples (seeded, the same on resume)."""
-    from rlhfkit.eval.monitors import Monitor
-    from rlhfkit.losses.kl import kl_controller
-    from rlhfkit.rollout.rewards import parse_reward
-    from rlhfkit.train.common import BatchPlan, start_stage, total_steps, world_size
-
-    if not cfg.reward:
-        raise SystemExit("error: --reward is required (a reward-model folder, rule:FILE.yaml or an http(s) URL)")
     world = world_size()
-    minibatch, accum = rl_batch_plan(cfg, world, k)
+    _, accum = rl_batch_plan(cfg, world, k)
     accelerator, run, log = start_stage(cfg, stage, {"train": cfg.train, "eval": cfg.eval, "model": cfg.model,
                                                      **(inputs or {})}, accum=accum)
     policy, tokenizer = load_policy(cfg)
     reference = Reference(policy, cfg.mixed_precision, cfg.reference)
-    reward = parse_reward(cfg.reward, cfg.reward_batch_size, cfg.max_length, accelerator.device)
-    gold = parse_reward(cfg.gold, cfg.reward_batch_size, cfg.max_length, accelerator.device) if cfg.gold else None
+    reward = reward_from(cfg, cfg.reward, accelerator.device)
+    gold = reward_from(cfg, cfg.gold, accelerator.device) if cfg.gold else None
     prompts, held = load_prompts(cfg, tokenizer, log)
     plan = BatchPlan(len(prompts.ids), cfg.batch_size, cfg.batch_size // world, world, accelerator.process_index,
                      cfg.seed)
@@ -284,19 +124,20 @@ def start_rl(cfg, stage: str, k: int = 1, inputs: dict | None = None) -> RLSetup
     log(f"{stage}: policy {cfg.model} (reference: {ref}), reward {reward.name}; {len(prompts.ids)} train / "
         f"{len(held.ids)} held-out prompts")
     return RLSetup(accelerator, run, log, policy, tokenizer, reference, reward, prompts, held, plan,
-                   total_steps(cfg, plan), kl_ctl, minibatch, Monitor(cfg, run.path if run.is_main else None), gold)
+                   total_steps(cfg, plan), kl_ctl, Monitor(cfg, run.path if run.is_main else None), gold)
 
 
-def prepare_rl(s: RLSetup, cfg, model):
+def prepare_rl(s: RLSetup, cfg, model, policy_of=lambda m: m):
     """Optimiser over every update of the run, ``accelerator.prepare``, resume; the reference on the
-    device. Returns (model, optimizer, scheduler, start step, the unwrapped model)."""
-    from rlhfkit.train.common import prepare_optimisation
-
+    device; the rollout engine over the prepared policy (``policy_of`` picks it out of the unwrapped
+    model). Returns (model, optimizer, scheduler, start step, the unwrapped model)."""
     updates = s.steps * cfg.ppo_epochs * cfg.num_minibatches
     model, optimizer, scheduler, start = prepare_optimisation(s.accelerator, s.run, cfg, model, updates, s.log)
     s.reference.to(s.accelerator.device)
     s.monitor.restore(s.run.metrics())  # on resume: the steps before the checkpoint
-    return model, optimizer, scheduler, start, s.accelerator.unwrap_model(model)
+    inner = s.accelerator.unwrap_model(model)
+    s.engine = make_engine(cfg.rollout, policy_of(inner), s.accelerator.device)
+    return model, optimizer, scheduler, start, inner
 
 
 def step_generator(cfg, step: int, rank: int) -> torch.Generator:
@@ -308,13 +149,11 @@ def step_generator(cfg, step: int, rank: int) -> torch.Generator:
 def end_step(s: RLSetup, cfg, bar, step: int, metrics: dict, batch: Batch) -> None:
     """The monitors (gold score, OOD fraction, reward-hacking alarms), then log the step, show it on the
     bar, checkpoint when due."""
-    from rlhfkit.train.common import should_save
-
     gold = None
     if s.gold is not None:
-        gold = s.gold([r.prompt for r in batch.records], batch.texts, [r.meta for r in batch.records])
+        gold = s.gold.score([r.prompt for r in batch.records], batch.texts, [r.meta for r in batch.records])
         metrics["gold"] = sum(gold) / len(gold)
-    ood = getattr(s.reward, "last_ood", None)
+    ood = s.reward.last_ood
     metrics.update(s.monitor.observe(step + 1, batch.texts, batch.raw_scores.tolist(), metrics["kl"], gold, ood))
     s.run.log(step + 1, **metrics)
     if s.accelerator.is_main_process and cfg.progress:
@@ -337,11 +176,11 @@ def rl_batch_plan(cfg, world: int, k: int = 1) -> tuple[int, int]:
     batch_size prompts x k samples, split over processes, then into num_minibatches, then micro-batches."""
     rows = cfg.batch_size * k
     if cfg.batch_size % world or (rows // world) % cfg.num_minibatches:
-        raise SystemExit(f"error: batch_size {cfg.batch_size} x {k} sample(s) must split into {world} process(es) x "
+        raise ConfigError(f"batch_size {cfg.batch_size} x {k} sample(s) must split into {world} process(es) x "
                          f"{cfg.num_minibatches} minibatch(es)")
     minibatch = rows // world // cfg.num_minibatches
     if minibatch % cfg.micro_batch_size:
-        raise SystemExit(f"error: a minibatch of {minibatch} sequences per process is not a multiple of "
+        raise ConfigError(f"a minibatch of {minibatch} sequences per process is not a multiple of "
                          f"micro_batch_size {cfg.micro_batch_size}")
     return minibatch, minibatch // cfg.micro_batch_size
 
@@ -350,8 +189,6 @@ def rl_batch_plan(cfg, world: int, k: int = 1) -> tuple[int, int]:
 def logprob_phase(policy, reference: Reference, rollout: Rollout, temperature: float, micro: int, critic=None):
     """# 2. teacher-forced logprobs of pi_old and pi_ref at the sampling temperature (and the critic's
     values), micro-batch by micro-batch: each (B, R), 0 on padding."""
-    from rlhfkit.rollout.sampler import response_values
-
     width = rollout.response_ids.shape[1]
     old, ref, values = [], [], []
     for mb in micro_slices(rollout.response_ids.shape[0], micro):
@@ -376,8 +213,6 @@ def minibatches(n: int, epochs: int, num_minibatches: int, micro: int, generator
 
 def loss_total(accelerator, mask: torch.Tensor, micro: list, mode: str) -> torch.Tensor:
     """The aggregation denominator of one minibatch over every micro-batch and process."""
-    from rlhfkit.losses.ppo import aggregate_total
-
     return accelerator.reduce(torch.tensor(aggregate_total([mask[i] for i in micro], mode, mask.shape[1])), "sum")
 
 
@@ -407,15 +242,12 @@ def mean_stats(accelerator, sums: dict) -> dict:
 def finish(s: RLSetup, cfg, policy, curves: list[str]):
     """Held-out comparison with the reference (proxy and gold), curves, the report, and the final
     policy in Hugging Face format."""
-    from rlhfkit.eval.policy import compare_policies, summary_line
-    from rlhfkit.eval.report import write_report
-    from rlhfkit.train.common import save_hf
-
     accelerator, run, summary = s.accelerator, s.run, {}
     if s.held.ids and accelerator.is_main_process:
         rewards = {"reward": s.reward, **({"gold": s.gold} if s.gold is not None else {})}
         with accelerator.autocast():
-            result = compare_policies(policy, s.reference, s.tokenizer, rewards, s.held, cfg, seed=cfg.seed + 7)
+            result = compare_policies(s.engine, s.reference.engine(policy, cfg.rollout, s.accelerator.device), policy,
+                                      s.reference, s.tokenizer, rewards, s.held, cfg, seed=cfg.seed + 7)
         (run.path / "heldout.json").write_text(json.dumps(result, indent=2))
         summary = {f"heldout_{name}_{k}": v for name, r in result["rewards"].items() for k, v in r.items()}
         summary["heldout_kl"] = result["kl"]

@@ -7,25 +7,23 @@ processes equal one process with accumulation 2.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
-from rlhfkit.data import pad, position_ids
+from rlhfkit.data.batching import collate
 from rlhfkit.data.split import load_train_eval
 from rlhfkit.data.template import Encoded, encode_examples
-from rlhfkit.losses import IGNORE, sft_loss, token_nll
+from rlhfkit.errors import ConfigError
+from rlhfkit.losses import sft_loss, token_nll
 from rlhfkit.models import count_parameters, load_causal_lm
-from rlhfkit.run import Run, check_finite
+from rlhfkit.run import Run, check_finite, progress
 from rlhfkit.train.common import (
     backward,
     optimizer_step,
     prepare_model,
     prepare_training,
-    progress,
     save_hf,
     should_save,
     start_stage,
@@ -41,23 +39,11 @@ class SFTConfig(RunArgs, OptimArgs, DataArgs, ModelArgs):
     """Concatenate each micro-batch into one row with restarting position ids (no padding, no
     cross-attention between examples)."""
 
-
-def collate(examples: list[Encoded], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
-    """Tensors for one micro-batch. Labels are -100 on the prompt and on padding.
-
-    Unpacked: right-padded (B, T_max) with an attention mask. Packed: one row (1, sum T) with
-    position ids that restart at 0 for each example and no attention mask, which transformers turns
-    into a block-diagonal causal mask, so examples never attend to each other.
-    """
-    labels = [[IGNORE] * e.prompt_len + e.response_ids for e in examples]
-    if packing:
-        ids = torch.tensor([[t for e in examples for t in e.input_ids]])
-        pos = torch.tensor([[p for e in examples for p in range(len(e.input_ids))]])
-        return {"input_ids": ids, "position_ids": pos, "labels": torch.tensor([[t for lab in labels for t in lab]])}
-    ids = pad([e.input_ids for e in examples], pad_id, side="right")
-    mask = pad([[1] * len(e.input_ids) for e in examples], 0, side="right")
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask),
-            "labels": pad(labels, IGNORE, side="right")}
+    def resolve(self) -> SFTConfig:
+        if not self.train:
+            raise ConfigError("sft: --train FILE is required (demonstrations: prompt/response, messages, or preferences; "
+                              "several as a,b or a glob)")
+        return self
 
 
 def n_supervised(examples: list[Encoded]) -> int:
@@ -79,7 +65,8 @@ def load_data(cfg: SFTConfig, tokenizer, log=print):
     return out[0], out[1], loaded
 
 
-def train(cfg: SFTConfig) -> Run:
+def run(cfg: SFTConfig) -> Run:
+    cfg.resolve()
     accelerator, run, log = start_stage(cfg, "sft", {"train": cfg.train, "eval": cfg.eval, "model": cfg.model})
     with stop_on_nonfinite(run):
         # 1. model and data
@@ -152,14 +139,3 @@ def evaluate(model, examples: list[Encoded], pad_id: int, cfg: SFTConfig, accele
         count += n_supervised(chunk)
     model.train()
     return (accelerator.reduce(nll, "sum") / accelerator.reduce(count, "sum").clamp(min=1)).item()
-
-
-def main(argv: list[str] | None = None) -> None:
-    from rlhfkit.config import parse
-
-    cfg = parse(SFTConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit sft", description=SFTConfig.__doc__)
-    if not cfg.train:
-        raise SystemExit("error: --train FILE is required (demonstrations: prompt/response, messages, or preferences)")
-    if not Path(cfg.train).exists():
-        raise SystemExit(f"error: --train {cfg.train}: no such file")
-    train(cfg)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -12,6 +11,7 @@ import tyro
 from rlhfkit.data.formats import load_records
 from rlhfkit.data.records import Demonstration, Preference, Ranking, Rating, StepSolution
 from rlhfkit.data.template import encode_prompt, encode_response
+from rlhfkit.models import load_tokenizer
 
 
 @dataclass
@@ -53,8 +53,6 @@ def _responses(record) -> list:
 
 
 def inspect(cfg: InspectConfig) -> dict:
-    from rlhfkit.models import load_tokenizer
-
     loaded = load_records(cfg.path, kind=None if cfg.kind == "auto" else cfg.kind, fields=cfg.fields,
                           on_bad_record="skip")
     tokenizer = load_tokenizer(cfg.model)
@@ -117,10 +115,8 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from rlhfkit.config import parse
-
-    cfg = parse(InspectConfig, sys.argv[1:] if argv is None else argv, prog="rlhfkit data inspect",
-                description=InspectConfig.__doc__)
+def run(cfg: InspectConfig) -> dict:
+    """Print the report (text or JSON) and return it."""
     report = inspect(cfg)
     print(json.dumps(report, indent=2) if cfg.json else render(report))
+    return report
