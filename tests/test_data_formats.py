@@ -160,3 +160,56 @@ def test_split_is_deterministic_and_disjoint():
     assert a == train_eval_split(items, 0.2, seed=3)
     assert a != train_eval_split(items, 0.2, seed=4)
     assert len(a[1]) == 20 and sorted(a[0] + a[1]) == items
+
+
+# ------------------------------------------------------------------ pairwise with a winner label
+
+WINNER = "tests/fixtures/pairwise-winner.json"  # hand-written: 5 records, three annotator columns
+WINNER_FIELDS = "prompt=instruction,response_a=resp1,response_b=resp2,winner=ann1+ann2+ann3"
+
+
+def test_pairwise_winner_with_three_annotators_by_majority():
+    """Record 0: votes a, A, 2 -> a, a, b: 'Hi!' wins (2 of 3). Record 1: b, tie, resp2 (the column name of
+    response_b) -> b: '4' wins. Record 2: a, b and an empty cell: a tie, dropped and counted. Record 3:
+    a boolean label; record 4: 'maybe' (after 1 and 1.0): both reported by record and field."""
+    from conftest import ROOT
+
+    loaded = load_records(ROOT / WINNER, fields=WINNER_FIELDS, on_bad_record="skip")
+    assert (loaded.kind, loaded.format, len(loaded.records), loaded.rows) == ("preference", "pairwise-winner", 2, 5)
+    first, second = loaded.records
+    assert (first.chosen, first.rejected, first.meta["agreement"]) == ("Hi!", "Go away.", pytest.approx(2 / 3))
+    assert (second.chosen, second.rejected, second.prompt[-1]["content"]) == ("4", "5", "Add 2+2")
+    assert loaded.problems["ties_dropped"] == 1 and loaded.skipped == 2
+    assert "record 3: field 'winner[0]'" in loaded.errors[0] and "True" in loaded.errors[0]
+    assert "record 4: field 'winner[2]'" in loaded.errors[1] and "'maybe'" in loaded.errors[1]
+    with pytest.raises(DataError, match=r"record 3: field 'winner\[0\]'"):
+        load_records(ROOT / WINNER, fields=WINNER_FIELDS)
+
+
+@pytest.mark.parametrize("label, chosen", [("a", "x"), ("B", "y"), (1, "x"), (2, "y"), ("2", "y"), ("response_a", "x"),
+                                           ("model_b", "y")])
+def test_single_winner_label_values(tmp_path, label, chosen):
+    path = write_jsonl(tmp_path / "w.jsonl", [{"prompt": "p", "response_a": "x", "response_b": "y", "winner": label}])
+    assert load_records(path).records[0].chosen == chosen
+
+
+@pytest.mark.parametrize("label", ["tie", 0, "0"])
+def test_a_tie_is_dropped_and_counted_not_an_error(tmp_path, label):
+    rows = [{"prompt": "p", "response_a": "x", "response_b": "y", "winner": label},
+            {"prompt": "q", "response_a": "x", "response_b": "y", "winner": "b"}]
+    loaded = load_records(write_jsonl(tmp_path / "w.jsonl", rows))
+    assert len(loaded.records) == 1 and loaded.problems["ties_dropped"] == 1 and "1 ties dropped" in loaded.summary()
+
+
+def test_data_inspect_reports_winner_records_ties_and_problems():
+    """`rlhfkit data inspect` on the fixture after --fields: records kept, ties dropped, per-record problems."""
+    import subprocess
+
+    from conftest import PYTHON, ROOT
+
+    out = subprocess.run([PYTHON, "-m", "rlhfkit.cli", "data", "inspect", WINNER, "--fields", WINNER_FIELDS, "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert (report["format"], report["records"], report["ties_dropped"], report["malformed"]) == ("pairwise-winner", 2, 1, 2)
+    assert any("record 4: field 'winner[2]'" in e for e in report["malformed_examples"])

@@ -181,3 +181,13 @@ def test_ppo_ptx_and_a2c_preset(tmp_path, prompts):
     assert 9.0 < rows[0]["ptx_loss"] < 12.0
     assert rows[0]["policy_clipfrac"] == 0.0 and rows[0]["value_clipfrac"] == 0.0
     assert PRESETS["a2c"] == {"ppo_epochs": 1, "num_minibatches": 1, "clip": float("inf"), "value_clip": 0.0}
+
+
+def test_ppo_with_lora_under_bf16_runs(tmp_path, prompts):
+    """Regression: under bf16 the frozen copy inside the critic's LoRA head wrapper is stored in bf16
+    while the trained head is fp32; the value head must run in the trained weights' dtype (the shipped
+    configs/ppo-rule.yaml crashed at its first step with 'expected m1 and m2 to have the same dtype')."""
+    from rlhfkit.train.ppo import run as train
+
+    run = train(ppo_cfg(tmp_path, prompts, name="bf16", mixed_precision="bf16", max_steps=1, ppo_epochs=1))
+    assert metrics(run)[0]["ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-2)

@@ -9,6 +9,10 @@ chosen, rejected (strings   ``hh-rlhf``: ``\\n\\nHuman: … \\n\\nAssistant: …
 starting "\\n\\nHuman:")      transcripts; the shared prefix is the prompt
 prompt, chosen, rejected    ``trl-standard`` / ``trl-conversational``  Preference
 chosen, rejected            implicit prompt: the longest common prefix Preference
+prompt, response_a,         ``pairwise-winner``: two responses and a    Preference
+response_b, winner          winner (a/b/tie, 1/2/0 or a response's
+                            name); several annotator columns are
+                            combined by majority, ties dropped
 prompt, responses           ``ranking`` (best first, or sorted by      Ranking
                             ``scores`` when given)
 prompt, response, rating    ``rating``                                 Rating
@@ -20,7 +24,8 @@ prompt                      ``prompt``                                 PromptRec
 ==========================  =======================================  ==============
 
 A field mapping (``{"prompt": "question", "response": "answer"}``) renames input columns first, so
-any column names work. A malformed row raises ``DataError`` naming file, line and field; with
+any column names work; ``winner=col1+col2+col3`` gathers several annotators' label columns into one
+list of votes. A malformed row raises ``DataError`` naming file, line and field; with
 ``on_bad_record="skip"`` it is skipped and counted instead.
 """
 
@@ -46,7 +51,8 @@ from rlhfkit.data.records import (
 )
 
 CORE_FIELDS = {"prompt", "chosen", "rejected", "margin", "responses", "scores", "response", "completion",
-               "rating", "steps", "labels", "mistake_index", "correct", "messages", "system"}
+               "rating", "steps", "labels", "mistake_index", "correct", "messages", "system", "response_a",
+               "response_b", "winner", "_response_names"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -66,12 +72,16 @@ def parse_fields(spec: str | dict | None) -> dict[str, str]:
 
 
 def map_fields(row: dict, fields: dict[str, str]) -> dict:
+    """Rename columns to canonical fields. ``winner=a+b+c`` gathers the columns a, b and c (one per
+    annotator) into a list of votes, a missing column counting as no vote."""
     if not fields:
         return row
-    taken = set(fields.values())
+    taken = {c for column in fields.values() for c in column.split("+")}
     out = {k: v for k, v in row.items() if k not in taken}
     for canonical, column in fields.items():
-        if column in row:
+        if "+" in column:
+            out[canonical] = [row.get(c) for c in column.split("+")]
+        elif column in row:
             out[canonical] = row[column]
     return out
 
@@ -83,6 +93,8 @@ def map_fields(row: dict, fields: dict[str, str]) -> dict:
 def detect(row: dict) -> tuple[str, str]:
     """(kind, format) for a row after field mapping."""
     keys = set(row)
+    if {"response_a", "response_b", "winner"} <= keys:
+        return "preference", "pairwise-winner"
     if {"chosen", "rejected"} <= keys:
         chosen = row["chosen"]
         if isinstance(chosen, list):
@@ -199,6 +211,53 @@ def _number(row: dict, name: str, where: str, required: bool = True) -> float | 
     return out
 
 
+TIE = "tie"
+WINNER_NAMES = {"a": "a", "1": "a", "response_a": "a", "model_a": "a", "b": "b", "2": "b", "response_b": "b",
+                "model_b": "b", "tie": TIE, "0": TIE, "draw": TIE, "tie (bothbad)": TIE, "both_bad": TIE}
+
+
+def winner_vote(value, name: str, where: str, names: dict[str, str]) -> str | None:
+    """One annotator's label: 'a', 'b' or 'tie', or None for no vote (a missing or empty cell).
+    Accepts a/b/tie, 1/2/0 (numbers or strings), or a response's name (``names``: its column name)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise _err(where, name, f"expected a/b/tie, 1/2/0 or a response's name, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value in (0, 1, 2):
+            return {0: TIE, 1: "a", 2: "b"}[int(value)]
+        raise _err(where, name, f"expected 1 (a), 2 (b) or 0 (tie), got {value!r}")
+    if isinstance(value, str):
+        key = value.strip().lower()
+        vote = names.get(value.strip()) or WINNER_NAMES.get(key)
+        if vote is not None:
+            return vote
+    raise _err(where, name, f"expected a/b/tie, 1/2/0 or a response's name ({', '.join(sorted(names)) or 'response_a, response_b'}), "
+                            f"got {value!r}")
+
+
+def majority(votes: list[str]) -> tuple[str, float]:
+    """(the winner, the share of votes it got): the label with the most votes; 'tie' when the votes
+    themselves say tie most often or the top count is shared.
+
+    >>> majority(["a", "a", "tie"]), majority(["a", "b"]), majority(["b"])
+    (('a', 0.6666666666666666), ('tie', 0.5), ('b', 1.0))
+    """
+    counts = Counter(votes)
+    (top, n), *rest = counts.most_common()
+    if rest and rest[0][1] == n:
+        return TIE, n / len(votes)
+    return top, n / len(votes)
+
+
+class Dropped(Exception):
+    """A row that is valid but holds no training signal (a tie between two responses): counted, not kept."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 def parse_hh(text: str) -> list[dict]:
     """Split an HH-RLHF transcript into messages: "\\n\\nHuman: a\\n\\nAssistant: b" ->
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]."""
@@ -247,6 +306,22 @@ def _common_text_prefix(a: str, b: str) -> str:
 
 def to_record(row: dict, kind: str, fmt: str, where: str) -> Record | list[Record]:
     meta = {k: v for k, v in row.items() if k not in CORE_FIELDS}
+    if kind == "preference" and fmt == "pairwise-winner":
+        a, b = _text(row, "response_a", where), _text(row, "response_b", where)
+        raw = row.get("winner")
+        values = raw if isinstance(raw, list) else [raw]
+        names = {n: v for n, v in (row.get("_response_names") or {}).items()}
+        votes = [v for i, x in enumerate(values)
+                 if (v := winner_vote(x, "winner" if len(values) == 1 else f"winner[{i}]", where, names)) is not None]
+        if not votes:
+            raise _err(where, "winner", "no label (every annotator column is empty)")
+        winner, share = majority(votes)
+        if winner == TIE:
+            raise Dropped("ties_dropped")
+        chosen, rejected = (a, b) if winner == "a" else (b, a)
+        meta = {**meta, "winner": winner, "votes": len(votes), "agreement": round(share, 6)}
+        return Preference(prompt=_prompt(row, where), chosen=chosen, rejected=rejected,
+                          margin=_number(row, "margin", where, required=False), source=where, meta=meta)
     if kind == "preference":
         if fmt == "hh-rlhf":
             try:
@@ -370,6 +445,8 @@ class Loaded:
 
     def summary(self) -> str:
         s = f"{self.path}: {len(self.records)} {self.kind} records ({self.format})"
+        if self.problems.get("ties_dropped"):
+            s += f"; {self.problems['ties_dropped']} ties dropped"
         if self.skipped:
             s += f"; skipped {self.skipped} malformed of {self.rows} rows, e.g. {self.errors[0]}"
         return s
@@ -405,13 +482,16 @@ def load_records(path: str | Path, kind: str | None = None, fields: str | dict |
             raise DataError(f"{path}: the files hold different kinds of records: {sorted(kinds)}")
         merged = Loaded(path=str(path), kind=parts[0].kind, format="+".join(sorted({p.format for p in parts})),
                         records=[r for p in parts for r in p.records][:limit], rows=sum(p.rows for p in parts),
-                        skipped=sum(p.skipped for p in parts), errors=[e for p in parts for e in p.errors][:5])
+                        skipped=sum(p.skipped for p in parts), errors=[e for p in parts for e in p.errors][:5],
+                        problems=sum((p.problems for p in parts), Counter()))
         return merged
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     mapping = parse_fields(fields)
+    # a winner label may name the response column it prefers ("winner": "resp1" with response_a=resp1)
+    names = {mapping[k]: k[-1] for k in ("response_a", "response_b") if k in mapping and "+" not in mapping[k]}
     stored: tuple[str, str] | None = None
     records: list[Record] = []
     out = Loaded(path=str(path), kind=kind or "?", format="?", records=records)
@@ -421,6 +501,8 @@ def load_records(path: str | Path, kind: str | None = None, fields: str | dict |
             if isinstance(row, DataError):
                 raise row
             row = map_fields(row, mapping)
+            if names:
+                row["_response_names"] = names
             if stored is None:
                 try:
                     stored = detect(row)
@@ -433,6 +515,9 @@ def load_records(path: str | Path, kind: str | None = None, fields: str | dict |
             made = to_record(row, stored[0], stored[1], where)
             made = [convert(r, out.kind) if r.__class__ is not KINDS[out.kind] else r
                     for r in (made if isinstance(made, list) else [made])]
+        except Dropped as d:
+            out.problems[d.reason] += 1
+            continue
         except DataError as e:
             if on_bad_record == "error":
                 raise

@@ -84,6 +84,7 @@ def inspect(cfg: InspectConfig) -> dict:
         "records": len(loaded.records),
         "malformed": loaded.skipped,
         "malformed_examples": loaded.errors,
+        "ties_dropped": loaded.problems.get("ties_dropped", 0),
         "tokens": {"prompt": _stats(prompt_len), "response": _stats(response_len),
                    "prompt+longest_response": _stats(total_len), "tokenizer": cfg.model},
         "problems": {k: {"count": len(v), "examples": list(dict.fromkeys(v))[:3]} for k, v in problems.items()},
@@ -96,7 +97,8 @@ def render(report: dict) -> str:
     lines = [f"{report['path']}",
              f"  format      {report['format']}",
              f"  records     {report['records']} {report['kind']} {unit} from {report['rows']} rows"
-             + (f" ({report['malformed']} malformed, skipped)" if report["malformed"] else "")]
+             + (f" ({report['malformed']} malformed, skipped)" if report["malformed"] else "")
+             + (f"; {report['ties_dropped']} ties dropped" if report["ties_dropped"] else "")]
     for e in report["malformed_examples"]:
         lines.append(f"    malformed: {e}")
     lines.append(f"  tokens ({report['tokens']['tokenizer']})")

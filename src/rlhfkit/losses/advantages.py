@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhfkit.models.reward import last_token_index
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """mean of x over mask == 1."""
@@ -35,11 +37,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, unbiase
     return out * mask
 
 
-def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last response token (the EOS, or the last token of a truncated response)."""
-    return mask.long().cumsum(-1).argmax(-1)
-
-
 def token_rewards(score: torch.Tensor, kl: torch.Tensor, beta: float, mask: torch.Tensor) -> torch.Tensor:
     """Per-token reward of KL-in-reward RLHF (Ziegler et al. 2019; reference §1c item 16, §2.2):
 
@@ -50,7 +47,7 @@ def token_rewards(score: torch.Tensor, kl: torch.Tensor, beta: float, mask: torc
     rewards = -beta * kl * mask
     has = mask.sum(-1) > 0
     rows = torch.arange(mask.shape[0], device=mask.device)[has]
-    rewards[rows, last_index(mask)[has]] += score[has].to(rewards.dtype)
+    rewards[rows, last_token_index(mask)[has]] += score[has].to(rewards.dtype)
     return rewards
 
 

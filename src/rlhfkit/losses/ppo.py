@@ -59,7 +59,6 @@ def a2c_policy_loss(logp: torch.Tensor, advantages: torch.Tensor) -> torch.Tenso
     return -advantages * logp
 
 
-AGGREGATIONS = ("token", "sequence", "constant")
 
 
 def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str, total: float | torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,7 @@ class RewardModel(nn.Module):
         round rewards to 8 significant bits (steps of 1/128 near 1), turning close pairs into ties."""
         head = self._parts()[1]
         with torch.autocast(hidden.device.type, enabled=False):
-            scores = head(hidden.to(next(head.parameters(), hidden).dtype))  # (FSDP may hide them)
+            scores = head(hidden.to(head_dtype(head, hidden.dtype)))
         return scores - self.bias if self.bias else scores
 
     def pooled_and_embedded(self, input_ids, attention_mask, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +109,15 @@ class RewardModel(nn.Module):
         scores = self(input_ids, attention_mask)
         out = scores[torch.arange(scores.shape[0], device=scores.device), last_token_index(attention_mask)]
         return out.squeeze(-1) if self.num_labels == 1 else out
+
+
+def head_dtype(head: nn.Module, fallback: torch.dtype) -> torch.dtype:
+    """The dtype the head computes in: its trained weights' (under LoRA the head is a wrapper holding a
+    trained fp32 copy and a frozen original, stored in bf16 under bf16 mixed precision), else any of
+    its weights', else ``fallback`` (a sharding wrapper may show no parameters)."""
+    params = list(head.parameters())
+    trained = [p for p in params if p.requires_grad]
+    return (trained or params)[0].dtype if params else fallback
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -190,14 +199,9 @@ def save_reward_model(model: RewardModel | nn.Module, tokenizer, folder, state_d
     tokenizer.save_pretrained(folder)
 
 
-def encode_pairs(tokenizer, prompts: list[list[dict]], responses: list, max_length: int) -> list[list[int]]:
-    """Token ids of each (prompt, response) as the reward model reads it; pairs longer than
-    ``max_length`` lose their oldest prompt tokens."""
-    return _encode_pairs(tokenizer, prompts, responses, max_length)[0]
-
-
-def _encode_pairs(tokenizer, prompts, responses, max_length: int) -> tuple[list[list[int]], list[int]]:
-    """:func:`encode_pairs` and the number of response tokens at the end of each sequence."""
+def encode_pairs(tokenizer, prompts, responses, max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each (prompt, response) as the reward model reads it, and the number of response
+    tokens at the end of each sequence; pairs longer than ``max_length`` lose their oldest prompt tokens."""
     seqs, n_response = [], []
     for p, r in zip(prompts, responses):
         resp = encode_response(tokenizer, r, p)[-(max_length - 1):]
@@ -213,7 +217,7 @@ def _pooled_batches(model: RewardModel, tokenizer, prompts, responses, batch_siz
     eval mode; each output concatenated in the order of the pairs. Batches are cut from the pairs
     sorted by length, so a batch pads to about its own length."""
     device = next(model.parameters()).device
-    seqs, n_response = _encode_pairs(tokenizer, prompts, responses, max_length)
+    seqs, n_response = encode_pairs(tokenizer, prompts, responses, max_length)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = []
     was_training = model.training
