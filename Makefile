@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint bench-venv clean-venv report-deps
+.PHONY: demo test test-quick lint bench-venv clean-venv report-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/rlhfkit pipeline --config configs/quickstart.yaml
 
+# The layers contract (import-linter, pyproject.toml), then the whole suite.
 test: $(STAMP) report-deps
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# For iterating: the same without the tests marked slow (the bundled model, several processes).
+test-quick: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # A separate environment for side-by-side benchmarks: TRL is installed here only.
 bench-venv: .venv-bench/.installed
