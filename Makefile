@@ -24,7 +24,7 @@ demo: $(STAMP)
 # The layers contract (import-linter, pyproject.toml), then the whole suite.
 test: $(STAMP) report-deps
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # For iterating: the same without the tests marked slow (the bundled model, several processes).
 test-quick: $(STAMP)

@@ -103,6 +103,7 @@ class Planned:
     kind: str  # the run's stage kind (manifest)
     command: str  # its entry in rlhfkit.stages.STAGES
     cfg: object
+    policy: bool = False  # its final/ is the round's new policy
 
 
 def stage_config(p: PipelineConfig, folder: Path, name: str, kind: str, command: str, section: str,
@@ -114,7 +115,7 @@ def stage_config(p: PipelineConfig, folder: Path, name: str, kind: str, command:
     if owned:
         raise ConfigError(f"pipeline: {section}: {', '.join(owned)} cannot be set in a section (the pipeline "
                           f"places each stage's run directory in {folder})")
-    base = {"seed": p.seed, "progress": p.progress, **filled}
+    base = {"seed": p.seed, "progress": p.progress, "report_to": p.report_to, **filled}
     for key in sorted(set(fields) & set(base)):
         if fields[key] != base[key]:
             notes.append(f"{name}: {key} = {fields[key]!r} from the {section} section (the pipeline's: {base[key]!r})")
@@ -173,6 +174,7 @@ def plan(p: PipelineConfig, folder: Path, train: str, held: str) -> tuple[list[P
             command, kind = RL_STAGES[p.algorithm]
             rl = add(f"r{r}-{p.algorithm}", kind, command, "rl", {**common, "train": train, "eval": held, "reward": rm,
                                                                    "gold": gold, "eval_prompts": 0}, p.rl)
+        rl.policy = True
         policy = str(folder / rl.name / "final")
         # 5. evaluation on the held-out prompts: proxy, gold, KL, win rates, samples
         shared = {k: v for k, v in p.rl.items() if k in ("max_new_tokens", "temperature", "mixed_precision", "max_length")}
@@ -256,7 +258,7 @@ def run(cfg: PipelineConfig) -> Run:
         path = p.stage(planned)
         if planned.kind == "rm":
             evaluate_rm(path, planned.cfg)
-        if planned.kind in ("pg", "ppo", "dpo") or planned.name.endswith("sft-best"):
+        if planned.policy:
             policy = str(path / "final")
         if planned.kind == "eval-policy":
             result = json.loads((path / "eval.json").read_text())

@@ -46,4 +46,6 @@ STAGES: dict[str, Stage] = {
                          "evaluate a policy against its reference on held-out prompts"),
     "pipeline": Stage("rlhfkit.pipeline", "PipelineConfig",
                       "the whole loop from one config: feedback, RM, RL, eval, report"),
+    "serve reward": Stage("rlhfkit.serve.reward", "ServeRewardConfig",
+                          "serve a reward model over HTTP (OpenRLHF's /get_reward and /v1/score)"),
 }

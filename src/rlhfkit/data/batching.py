@@ -27,6 +27,19 @@ def split_by_tokens(items: list, lengths: list[int], budget: int) -> list[list]:
     return out + ([cur] if cur else [])
 
 
+def length_batches(lengths: list[int], batch_size: int = 0, token_budget: int = 0) -> list[list[int]]:
+    """Indices of length-sorted batches: cut by ``token_budget`` padded tokens when it is set (see
+    :func:`split_by_tokens`), else ``batch_size`` at a time. A batch then pads to about its own length.
+
+    >>> length_batches([5, 1, 3], batch_size=2), length_batches([5, 1, 3], token_budget=6)
+    ([[1, 2], [0]], [[1, 2], [0]])
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    if token_budget:
+        return split_by_tokens(order, [lengths[i] for i in order], token_budget)
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def collate(examples: list[Encoded], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
     """Tensors for one micro-batch. Labels are -100 on the prompt and on padding.
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhfkit.data.batching import split_by_tokens
+from rlhfkit.data.batching import length_batches
 from rlhfkit.data.template import encode_prompt, encode_response, pad
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.reward import last_token_index, pack_shared_prefix
@@ -164,11 +164,7 @@ def group_tokens(g: Group, share_prefix: bool) -> int:
 def eval_chunks(groups: list[Group], share_prefix: bool, token_budget: int, size: int) -> list[list[int]]:
     """Indices of ``groups`` in length-sorted forward passes: cut by ``token_budget`` padded tokens when
     it is set, else ``size`` groups at a time."""
-    lengths = [group_tokens(g, share_prefix) for g in groups]
-    order = sorted(range(len(groups)), key=lengths.__getitem__)
-    if token_budget:
-        return split_by_tokens(order, [lengths[i] for i in order], token_budget)
-    return [order[i: i + size] for i in range(0, len(order), size)]
+    return length_batches([group_tokens(g, share_prefix) for g in groups], batch_size=size, token_budget=token_budget)
 
 
 def pool_last(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

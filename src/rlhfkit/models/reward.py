@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from rlhfkit.data.batching import length_batches
 from rlhfkit.data.template import encode_prompt, encode_response, pad, position_ids, truncate
 from rlhfkit.models.loading import ensure_pad_token, load_tokenizer, resolve_model_path, tiny_config
 
@@ -211,29 +212,47 @@ def encode_pairs(tokenizer, prompts, responses, max_length: int) -> tuple[list[l
 
 
 @torch.no_grad()
-def _pooled_batches(model: RewardModel, tokenizer, prompts, responses, batch_size: int, max_length: int, side: str,
-                    read):
-    """``read(model, ids, mask, response_mask)`` (a tuple of tensors) on each batch of encoded pairs, in
-    eval mode; each output concatenated in the order of the pairs. Batches are cut from the pairs
-    sorted by length, so a batch pads to about its own length."""
+def read_sequences(model: RewardModel, seqs: list[list[int]], n_response: list[int], pad_id: int,
+                   batches: list[list[int]], read, side: str = "right") -> tuple[torch.Tensor, ...]:
+    """``read(model, ids, mask, response_mask)`` (a tuple of tensors) on each batch of token sequences,
+    ``batches`` being lists of indices into ``seqs``, in eval mode; each output in the order of
+    ``seqs``. ``n_response[i]`` is the number of response tokens at the end of sequence i."""
     device = next(model.parameters()).device
-    seqs, n_response = encode_pairs(tokenizer, prompts, responses, max_length)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = []
+    out, done = [], []
     was_training = model.training
     model.eval()
-    for i in range(0, len(order), batch_size):
-        chunk = [seqs[j] for j in order[i: i + batch_size]]
-        ids = pad(chunk, tokenizer.pad_token_id, side).to(device)
+    for idx in batches:
+        chunk = [seqs[j] for j in idx]
+        ids = pad(chunk, pad_id, side).to(device)
         mask = pad([[1] * len(s) for s in chunk], 0, side).to(device)
-        response = pad([[0] * (len(s) - n_response[j]) + [1] * n_response[j] for s, j in
-                        zip(chunk, order[i: i + batch_size])], 0, side).to(device)
+        response = pad([[0] * (len(s) - n_response[j]) + [1] * n_response[j] for s, j in zip(chunk, idx)], 0,
+                       side).to(device)
         out.append([t.float().cpu() for t in read(model, ids, mask, response)])
+        done += idx
     model.train(was_training)
     if not out:
         return torch.zeros(0), torch.zeros(0)
-    back = torch.tensor(order).argsort()  # sorted position of each pair
+    back = torch.tensor(done).argsort()  # where each sequence's row landed
     return tuple(torch.cat(parts)[back] for parts in zip(*out))
+
+
+def _pooled_batches(model: RewardModel, tokenizer, prompts, responses, batch_size: int, max_length: int, side: str,
+                    read):
+    """:func:`read_sequences` on encoded pairs, in batches of ``batch_size`` cut from the pairs sorted by
+    length, so a batch pads to about its own length."""
+    seqs, n_response = encode_pairs(tokenizer, prompts, responses, max_length)
+    return read_sequences(model, seqs, n_response, tokenizer.pad_token_id,
+                          length_batches([len(x) for x in seqs], batch_size=batch_size), read, side)
+
+
+def read_reward(model: RewardModel, ids, mask, response) -> tuple[torch.Tensor]:
+    """The reward at each row's last non-pad token (a ``read`` for :func:`read_sequences`)."""
+    return (model.pooled(ids, mask),)
+
+
+def read_reward_and_features(model: RewardModel, ids, mask, response) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward and the OOD features (mean last hidden state over the response) from one pass."""
+    return model.pooled_and_embedded(ids, mask, response)
 
 
 def score(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list, batch_size: int = 8,
@@ -241,8 +260,7 @@ def score(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: l
     """Rewards for (prompt, response) pairs, batched. A prompt is a list of messages (a whole
     multi-turn dialogue is scored); a response is a string or a list of further messages.
     Pairs longer than ``max_length`` lose their oldest prompt tokens."""
-    return _pooled_batches(model, tokenizer, prompts, responses, batch_size, max_length, side,
-                           lambda m, ids, mask, response: (m.pooled(ids, mask),))[0].tolist()
+    return _pooled_batches(model, tokenizer, prompts, responses, batch_size, max_length, side, read_reward)[0].tolist()
 
 
 def score_and_embed(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list, batch_size: int = 8,
@@ -255,7 +273,7 @@ def score_and_embed(model: RewardModel, tokenizer, prompts: list[list[dict]], re
     The hidden state at the scoring token alone says little about what was read: on the bundled
     model it let through half of the non-English texts."""
     return _pooled_batches(model, tokenizer, prompts, responses, batch_size, max_length, "right",
-                           lambda m, ids, mask, response: m.pooled_and_embedded(ids, mask, response))
+                           read_reward_and_features)
 
 
 def embed(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list, batch_size: int = 8,

@@ -1,0 +1,1 @@
+"""Serving: the HTTP reward server (``rlhfkit serve reward``)."""

@@ -1,0 +1,284 @@
+"""`rlhfkit serve reward`: a real server in its own process, on loopback. OpenRLHF's contract, the
+project's own route and reward source against it, bad input, auth, kill and restart, and load."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, ROOT
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`rlhfkit serve reward` in a subprocess; stopped (SIGKILL) at the end."""
+
+    def __init__(self, model: Path, *flags: str, port: int | None = None, env: dict | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [PYTHON, "-m", "rlhfkit.cli", "serve", "reward", "--model", str(model), "--port", str(self.port), *flags]
+        self.env = {**os.environ, **(env or {})}
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if request(self.url + "/health", None, method="GET")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+        raise RuntimeError("server did not start within 120 s")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def request(url: str, body, method: str = "POST", headers: dict | None = None, raw: bytes | None = None):
+    """(status, decoded JSON) for one request; HTTP errors are returned, not raised."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory) -> Path:
+    from rlhfkit.models.reward import load_reward_model, save_reward_model
+
+    folder = tmp_path_factory.mktemp("rm") / "final"
+    rm, tok = load_reward_model("tiny", seed=3)
+    save_reward_model(rm, tok, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tiny_rm):
+    s = Server(tiny_rm)
+    yield s
+    s.kill()
+
+
+PROMPTS = [[{"role": "user", "content": f"Tell me about {w}."}] for w in ("cats", "the sea", "rain", "tea")]
+RESPONSES = ["They purr.", "It is wide and salty and it moves with the tides.", "Wet.", "A hot drink, often with milk."]
+
+
+def offline(model: Path, prompts, responses) -> list[float]:
+    from rlhfkit.models.reward import load_reward_model, score
+
+    rm, tok = load_reward_model(str(model))
+    return score(rm, tok, prompts, responses, batch_size=2)
+
+
+def test_openrlhf_payload_matches_rm_score(server, tiny_rm):
+    """OpenRLHF's exact payload: the query is the conversation as one string (here the text `rm score`
+    encodes for each pair); the reply has rewards, scores and extra_logs, equal to offline scoring."""
+    from rlhfkit.models.reward import encode_pairs, load_reward_model
+
+    _, tok = load_reward_model(str(tiny_rm))
+    seqs, _ = encode_pairs(tok, PROMPTS, RESPONSES, 1024)
+    queries = [tok.decode(s) for s in seqs]
+    assert [tok(q, add_special_tokens=False)["input_ids"] for q in queries] == seqs  # the same tokens
+    status, out = request(server.url + "/get_reward", {"query": queries, "prompts": [p[0]["content"] for p in PROMPTS],
+                                                      "labels": [""] * 4})
+    assert status == 200 and set(out) == {"rewards", "scores", "extra_logs"} and out["extra_logs"] == {}
+    want = offline(tiny_rm, PROMPTS, RESPONSES)
+    assert out["rewards"] == pytest.approx(want, abs=1e-5) and out["scores"] == out["rewards"]
+
+
+def test_v1_score_and_the_http_reward_source(server, tiny_rm):
+    """rlhfkit's own shape, as a batch and as one pair; and `--reward http://.../v1/score` (the reward
+    source the RL stages, bon, label and eval policy use) gets the same rewards."""
+    from rlhfkit.rollout.rewards import parse_reward
+
+    want = offline(tiny_rm, PROMPTS, RESPONSES)
+    status, out = request(server.url + "/v1/score", {"prompts": PROMPTS, "responses": RESPONSES})
+    assert status == 200 and out["rewards"] == pytest.approx(want, abs=1e-5)
+    status, one = request(server.url + "/v1/score", {"prompt": "Tell me about cats.", "response": "They purr."})
+    assert status == 200 and one["rewards"] == pytest.approx(want[:1], abs=1e-5)
+    source = parse_reward(f"{server.url}/v1/score", timeout=30, retries=1)
+    assert source.score(PROMPTS, RESPONSES, [{}] * 4) == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("name, body, raw, status", [
+    ("malformed JSON", None, b'{"query": [', 422),
+    ("query not a list", {"query": "text"}, None, 422),
+    ("numbers for texts", {"query": [1, 2]}, None, 422),
+    ("empty list", {"query": []}, None, 422),
+    ("100,000 characters", {"query": ["word " * 20000]}, None, 413),
+    ("10,000 texts", {"query": ["hi"] * 10000}, None, 413),
+    ("invalid UTF-8", None, b'{"query": ["\xff\xfe bad"]}', 400),
+    ("NUL byte", {"query": ["a\u0000b"]}, None, 422),
+])
+def test_bad_input_gets_a_4xx_with_a_message_and_the_server_goes_on(server, name, body, raw, status):
+    code, out = request(server.url + "/get_reward", body, raw=raw)
+    assert code == status, (name, out)
+    assert out.get("detail"), name
+    ok, good = request(server.url + "/get_reward", {"query": ["Hello there."]})
+    assert ok == 200 and len(good["rewards"]) == 1
+
+
+@pytest.mark.parametrize("body", [{"prompts": ["a"], "responses": ["b", "c"]}, {"prompts": ["a"]},
+                                  {"prompt": [{"role": "robot", "content": "x"}], "response": "y"},
+                                  {"prompts": ["a"], "responses": ["b"], "prompt": "c", "response": "d"},
+                                  {"prompts": ["a"], "responses": ["b"], "extra": 1}])
+def test_v1_score_rejects_inconsistent_bodies(server, body):
+    code, out = request(server.url + "/v1/score", body)
+    assert code == 422 and out["detail"]
+
+
+def test_bearer_token(tiny_rm):
+    s = Server(tiny_rm, env={"RLHFKIT_SERVE_TOKEN": "s3cret"})
+    try:
+        body = {"query": ["Hello."]}
+        assert request(s.url + "/health", None, method="GET")[0] == 200
+        for route, payload in (("/get_reward", body), ("/v1/score", {"prompt": "a", "response": "b"})):
+            assert request(s.url + route, payload)[0] == 401
+            assert request(s.url + route, payload, headers={"Authorization": "Bearer wrong"})[0] == 401
+            assert request(s.url + route, payload, headers={"Authorization": "Bearer s3cret"})[0] == 200
+    finally:
+        s.kill()
+
+
+def test_kill_and_restart_serves_the_same_rewards(tiny_rm):
+    s = Server(tiny_rm)
+    try:
+        before = request(s.url + "/v1/score", {"prompts": PROMPTS, "responses": RESPONSES})[1]["rewards"]
+        s.kill()
+        with pytest.raises(OSError):
+            request(s.url + "/health", None, method="GET")
+        s.start()
+        after = request(s.url + "/v1/score", {"prompts": PROMPTS, "responses": RESPONSES})[1]["rewards"]
+        assert after == pytest.approx(before, abs=1e-6)
+    finally:
+        s.kill()
+
+
+@pytest.mark.slow
+def test_load_50_clients_bundled_model(tmp_path):
+    """50 concurrent clients x 20 requests of 1-4 texts each against the bundled model's reward model:
+    no errors, every reward equal to offline scoring of the same text (1e-4: batches pad differently),
+    fewer forward groups than requests (dynamic batching), p50/p99 reported."""
+    from rlhfkit.models.reward import load_reward_model, save_reward_model
+
+    folder = tmp_path / "rm"
+    rm, tok = load_reward_model("smollm2-135m-instruct", seed=0)
+    save_reward_model(rm, tok, folder)
+    del rm
+    words = ["cats", "rain", "tea", "the sea", "trains", "maths", "music", "bread"]
+    jobs = [[(f"Tell me about {words[(c + r + i) % 8]}.", f"Answer {i}: " + "it is nice " * (1 + (c * r + i) % 6))
+             for i in range(1 + (c + r) % 4)] for c in range(50) for r in range(20)]
+    s = Server(folder)
+    try:
+        def client(c: int):
+            out = []
+            for r in range(20):
+                pairs = jobs[c * 20 + r]
+                t0 = time.perf_counter()
+                code, body = request(s.url + "/v1/score", {"prompts": [p for p, _ in pairs], "responses": [x for _, x in pairs]})
+                out.append((code, body, time.perf_counter() - t0))
+            return out
+
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            results = [x for part in pool.map(client, range(50)) for x in part]
+        wall = time.perf_counter() - t0
+        batches = request(s.url + "/health", None, method="GET")[1]["batches"]
+    finally:
+        s.kill()
+    assert [code for code, _, _ in results] == [200] * 1000
+    got = [v for _, body, _ in results for v in body["rewards"]]
+    flat = [p for job in jobs for p in job]
+    want = offline(folder, [[{"role": "user", "content": p}] for p, _ in flat], [x for _, x in flat])
+    assert got == pytest.approx(want, abs=1e-4)
+    latency = sorted(t for _, _, t in results)
+    p50, p99 = statistics.median(latency), latency[int(0.99 * len(latency))]
+    print(f"\nload: 1000 requests ({len(flat)} texts) in {wall:.1f} s = {len(flat) / wall:.1f} texts/s; "
+          f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms; {batches} forward groups")
+    assert batches < 1000
+
+
+def test_http_reward_client_faults():
+    """The reward source's client against a server that stalls, drops the connection, or answers 500
+    twice and then succeeds: the timeout and the retries behave as configured, and the error after the
+    last retry names the URL."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from rlhfkit.errors import RemoteError
+    from rlhfkit.rollout.rewards import RemoteReward
+
+    plan: list[str] = []
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            mode = plan.pop(0) if plan else "ok"
+            seen.append(mode)
+            if mode == "stall":
+                time.sleep(1.5)
+            if mode == "drop":
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            status = 500 if mode == "500" else 200
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            if status == 200:
+                self.wfile.write(json.dumps({"rewards": [1.0]}).encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/v1/score"
+    try:
+        plan[:] = ["500", "500"]
+        assert RemoteReward(url, timeout=5, retries=2, backoff=0.01).score([[]], ["x"]) == [1.0]
+        assert seen == ["500", "500", "ok"]
+        seen.clear()
+        plan[:] = ["500", "500"]
+        with pytest.raises(RemoteError, match=rf"{url}: HTTP 500 \(after 2 attempt\(s\)\)"):
+            RemoteReward(url, timeout=5, retries=1, backoff=0.01).score([[]], ["x"])
+        plan[:] = ["stall", "stall"]
+        t0 = time.perf_counter()
+        with pytest.raises(RemoteError, match=rf"{url}: .*timed out.* \(after 2 attempt\(s\)\)"):
+            RemoteReward(url, timeout=0.5, retries=1, backoff=0.01).score([[]], ["x"])
+        assert time.perf_counter() - t0 < 1.4  # two 0.5 s timeouts, not the 1.5 s stall
+        plan[:] = ["drop"]
+        seen.clear()
+        assert RemoteReward(url, timeout=5, retries=1, backoff=0.01).score([[]], ["x"]) == [1.0]
+        assert seen == ["drop", "ok"]
+    finally:
+        server.shutdown()
