@@ -3,7 +3,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -75,3 +81,60 @@ def json_server(respond):
         yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
+
+
+# --------------------------------------------------------------------- servers in their own process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``rlhfkit <args> --port P`` in a subprocess, started and waited for until ``health`` answers 200;
+    ``kill()`` sends SIGKILL."""
+
+    def __init__(self, args: list[str], health: str, port: int | None = None, env: dict | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.health = health
+        self.args = [PYTHON, "-m", "rlhfkit.cli", *args, "--port", str(self.port)]
+        self.env = {**os.environ, **(env or {})}
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if request(self.url + self.health, None, method="GET", headers=self.auth())[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+        raise RuntimeError("server did not start within 120 s")
+
+    def auth(self) -> dict:
+        token = self.env.get("RLHFKIT_SERVE_TOKEN")
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def request(url: str, body, method: str = "POST", headers: dict | None = None, raw: bytes | None = None):
+    """(status, decoded JSON) for one request; HTTP errors are returned, not raised."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")

@@ -48,4 +48,6 @@ STAGES: dict[str, Stage] = {
                       "the whole loop from one config: feedback, RM, RL, eval, report"),
     "serve reward": Stage("rlhfkit.serve.reward", "ServeRewardConfig",
                           "serve a reward model over HTTP (OpenRLHF's /get_reward and /v1/score)"),
+    "serve policy": Stage("rlhfkit.serve.policy", "ServePolicyConfig",
+                          "serve a policy over the OpenAI chat-completions API"),
 }

@@ -47,7 +47,9 @@ class RolloutEngine:
     device: torch.device
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 generator: torch.Generator | None = None) -> Rollout:
+                 generator: torch.Generator | None = None, on_token=None) -> Rollout:
+        """One response per prompt. ``on_token(tokens, logprobs, live)``, when given, is called with each
+        step's (B,) tokens as they are drawn (engines that cannot stream call it once per token at the end)."""
         raise NotImplementedError
 
     def sync_weights(self, policy) -> None:  # noqa: B027 (an optional hook, empty by default)
@@ -66,12 +68,12 @@ class HFEngine(RolloutEngine):
         self.model, self.device, self.adapter_off = model, device, adapter_off
 
     @torch.no_grad()
-    def generate(self, prompts, params: SamplingParams, generator=None) -> Rollout:
+    def generate(self, prompts, params: SamplingParams, generator=None, on_token=None) -> Rollout:
         ctx = self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
         with ctx:
             return sample(self.model, prompts, params.pad_id, params.eos_id, max_new_tokens=params.max_new_tokens,
                           temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                          min_new_tokens=params.min_new_tokens, generator=generator)
+                          min_new_tokens=params.min_new_tokens, generator=generator, on_token=on_token)
 
     def sync_weights(self, policy) -> None:
         """Nothing to do: the engine samples from the live model."""

@@ -71,9 +71,10 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int = 64,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0,
-           generator: torch.Generator | None = None) -> Rollout:
+           generator: torch.Generator | None = None, on_token=None) -> Rollout:
     """Sample one response per prompt (token ids). ``temperature=0`` is greedy (logprobs at T=1).
-    ``min_new_tokens`` forbids EOS before that many tokens."""
+    ``min_new_tokens`` forbids EOS before that many tokens. ``on_token(tokens, logprobs, live)``, when
+    given, sees each step's tokens as they are drawn (a streaming server sends them on)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -103,6 +104,8 @@ def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_to
         tokens.append(torch.where(live, token, torch.full_like(token, pad_id)))
         logps.append(torch.where(live, logp, torch.zeros_like(logp)))
         alive.append(live)
+        if on_token is not None:
+            on_token(tokens[-1], logps[-1], live)
         done = done | (token == eos_id)
         if bool(done.all()) or step == max_new_tokens - 1:
             break

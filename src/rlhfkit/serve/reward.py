@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import os
 import threading
 import time
@@ -44,9 +43,10 @@ from rlhfkit.models.ood import OODDetector
 from rlhfkit.models.reward import load_reward_model, read_reward, read_reward_and_features, read_sequences
 
 try:  # the serve extra
-    from fastapi import Depends, FastAPI, HTTPException, Request
-    from fastapi.responses import JSONResponse
+    from fastapi import Depends, FastAPI, HTTPException
     from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+    from rlhfkit.serve.common import bearer, clean_text, reject_bad_values, server_token
 except ImportError:  # pragma: no cover - exercised only without the extra
     FastAPI = None
 
@@ -84,7 +84,7 @@ class ServeRewardConfig:
             raise ConfigError("serve reward: --model RUN/final is required")
         if FastAPI is None:
             raise ConfigError("serve reward needs the serve extra: pip install 'rlhfkit[serve]'")
-        self.token = self.token or os.environ.get("RLHFKIT_SERVE_TOKEN", "")
+        self.token = server_token(self.token)
         return self
 
 
@@ -195,12 +195,6 @@ class Batcher:
 # the app
 
 
-def _check_text(text: str) -> str:
-    if "\x00" in text:
-        raise ValueError("a text holds a NUL byte")
-    return text
-
-
 if FastAPI is not None:
 
     class Message(BaseModel):
@@ -211,7 +205,7 @@ if FastAPI is not None:
         @field_validator("content")
         @classmethod
         def no_nul(cls, v: str) -> str:
-            return _check_text(v)
+            return clean_text(v)
 
     class GetRewardRequest(BaseModel):
         """OpenRLHF's remote reward request."""
@@ -223,7 +217,7 @@ if FastAPI is not None:
         @field_validator("query")
         @classmethod
         def no_nul(cls, v: list[str]) -> list[str]:
-            return [_check_text(t) for t in v]
+            return [clean_text(t) for t in v]
 
     class ScoreRequest(BaseModel):
         """Prompts (text or chat messages) and responses, as a batch or as one pair."""
@@ -240,15 +234,15 @@ if FastAPI is not None:
         def no_nul(cls, v):
             if v is None:
                 return v
-            return [_check_text(t) for t in v] if isinstance(v, list) else _check_text(v)
+            return [clean_text(t) for t in v] if isinstance(v, list) else clean_text(v)
 
         @field_validator("prompts", "prompt")
         @classmethod
         def no_nul_prompt(cls, v):
             if isinstance(v, str):
-                return _check_text(v)
+                return clean_text(v)
             if isinstance(v, list):
-                return [_check_text(p) if isinstance(p, str) else p for p in v]
+                return [clean_text(p) if isinstance(p, str) else p for p in v]
             return v
 
         def pairs(self) -> tuple[list[list[dict]], list[str]]:
@@ -292,12 +286,8 @@ def create_app(cfg: ServeRewardConfig, scorer: Scorer | None = None) -> FastAPI:
     app = FastAPI(title="rlhfkit reward server", lifespan=lifespan,
                   description="OpenRLHF's /get_reward and rlhfkit's /v1/score on one reward model.")
 
-    def authorised(request: Request) -> None:
-        if not cfg.token:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {cfg.token}".encode()):
-            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+    authorised = bearer(cfg.token)
+    reject_bad_values(app)
 
     def check_limits(texts: list[str]) -> None:
         if len(texts) > cfg.max_texts:
@@ -313,10 +303,6 @@ def create_app(cfg: ServeRewardConfig, scorer: Scorer | None = None) -> FastAPI:
             return await asyncio.wait_for(batcher.submit(seqs, n_response, features), cfg.request_timeout)
         except TimeoutError:
             raise HTTPException(503, f"scoring took longer than {cfg.request_timeout} s; try again") from None
-
-    @app.exception_handler(ValueError)
-    async def bad_value(request: Request, exc: ValueError):
-        return JSONResponse(status_code=422, content={"detail": str(exc)})
 
     @app.get("/health")
     async def health():

@@ -1,0 +1,43 @@
+"""What the HTTP servers share: the bearer-token check, one 422 for a bad value, and the text checks
+every request body goes through."""
+
+from __future__ import annotations
+
+import hmac
+import os
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+
+def server_token(token: str) -> str:
+    """The bearer token a server requires: the flag, else ``$RLHFKIT_SERVE_TOKEN``, else none."""
+    return token or os.environ.get("RLHFKIT_SERVE_TOKEN", "")
+
+
+def bearer(token: str):
+    """A FastAPI dependency: 401 unless the request carries ``Authorization: Bearer <token>`` (no check
+    when ``token`` is empty). Compared in constant time."""
+
+    def check(request: Request) -> None:
+        if token and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                             f"Bearer {token}".encode()):
+            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    return check
+
+
+def reject_bad_values(app: FastAPI) -> None:
+    """A ValueError raised while reading a request (an inconsistent body) is a 422 with its message."""
+
+    @app.exception_handler(ValueError)
+    async def bad_value(request: Request, exc: ValueError):
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+
+def clean_text(text: str) -> str:
+    """Model and user text goes through as it is, but never with a NUL byte (no tokenizer or database
+    downstream expects one)."""
+    if "\x00" in text:
+        raise ValueError("a text holds a NUL byte")
+    return text
