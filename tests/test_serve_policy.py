@@ -107,3 +107,26 @@ def test_token_guards_every_route():
             assert request(s.url + path, body, method=method, headers={"Authorization": "Bearer s3cret"})[0] == 200
     finally:
         s.kill()
+
+
+def test_eval_policy_with_the_server_as_judge(tmp_path):
+    """`eval policy --judge-url` against `serve policy` (the tiny model judges; its answers are rarely
+    parsable, so what is checked is that the judge was asked both orders and answered)."""
+    import json
+
+    from conftest import write_jsonl
+    from rlhfkit.eval.policy import EvalPolicyConfig
+    from rlhfkit.eval.policy import run as evaluate
+
+    s = ServerProcess(["serve", "policy", "--model", "tiny", "--max-tokens", "256"], "/v1/models")
+    try:
+        rule = tmp_path / "r.yaml"
+        rule.write_text("max_words: 4\n")
+        prompts = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"Say {w}."} for w in "abc"])
+        run = evaluate(EvalPolicyConfig(model="tiny", reference="tiny", eval=str(prompts), reward=f"rule:{rule}",
+                                        judge_url=s.url + "/v1", max_new_tokens=4, output_dir=str(tmp_path / "runs"),
+                                        name="ev", progress=False))
+    finally:
+        s.kill()
+    judge = json.loads((run.path / "eval.json").read_text())["judge"]
+    assert set(judge) == {"win_rate", "consistency", "ties", "unparsable"} and 0 <= judge["win_rate"] <= 1

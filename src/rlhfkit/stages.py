@@ -50,4 +50,6 @@ STAGES: dict[str, Stage] = {
                           "serve a reward model over HTTP (OpenRLHF's /get_reward and /v1/score)"),
     "serve policy": Stage("rlhfkit.serve.policy", "ServePolicyConfig",
                           "serve a policy over the OpenAI chat-completions API"),
+    "export": Stage("rlhfkit.serve.export", "ExportConfig",
+                    "export a policy: merged Hugging Face folder or GGUF (f16, bf16, Q8_0)"),
 }

@@ -222,6 +222,8 @@ def post_json(url: str, payload: dict, timeout: float = 30.0, retries: int = 3, 
         except urllib.error.HTTPError as e:
             error = f"HTTP {e.code}"
             if e.code < 500 and e.code != 429:
+                detail = e.read()[:300].decode(errors="replace").strip()
+                error += f": {detail}" if detail else ""
                 break  # a client error will not go away on retry
         except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
             error = f"{type(e).__name__}: {e}"

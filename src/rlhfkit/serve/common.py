@@ -35,6 +35,18 @@ def reject_bad_values(app: FastAPI) -> None:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
 
 
+def limit_body(app: FastAPI, max_mb: float) -> None:
+    """Refuse (413) a request whose declared body is larger than ``max_mb`` before reading it."""
+    limit = int(max_mb * 1e6)
+
+    @app.middleware("http")
+    async def body_size(request: Request, call_next):
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return JSONResponse(status_code=413, content={"detail": f"request body over {max_mb:g} MB"})
+        return await call_next(request)
+
+
 def clean_text(text: str) -> str:
     """Model and user text goes through as it is, but never with a NUL byte (no tokenizer or database
     downstream expects one)."""

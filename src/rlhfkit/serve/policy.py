@@ -38,7 +38,7 @@ try:  # the serve extra
     from fastapi.responses import StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-    from rlhfkit.serve.common import bearer, clean_text, reject_bad_values, server_token
+    from rlhfkit.serve.common import bearer, clean_text, limit_body, reject_bad_values, server_token
 except ImportError:  # pragma: no cover - exercised only without the extra
     FastAPI = None
 
@@ -65,6 +65,8 @@ class ServePolicyConfig:
     """Most choices one request may ask for."""
     max_length: int = 2048
     """Prompt plus completion tokens; a longer prompt gets 413."""
+    max_body_mb: float = 16.0
+    """Largest request body in MB (a larger one gets 413 before it is read)."""
     mixed_precision: Literal["no", "bf16"] = "no"
     """'bf16': generate under bf16 autocast."""
 
@@ -186,6 +188,7 @@ def create_app(cfg: ServePolicyConfig, generator: Generator | None = None) -> Fa
     tok = gen.tokenizer
     app = FastAPI(title="rlhfkit policy server", description="The OpenAI chat-completions API on one policy.")
     reject_bad_values(app)
+    limit_body(app, cfg.max_body_mb)
     authorised = [Depends(bearer(cfg.token))]
 
     @app.get("/v1/models", dependencies=authorised)

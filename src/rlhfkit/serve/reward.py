@@ -46,7 +46,7 @@ try:  # the serve extra
     from fastapi import Depends, FastAPI, HTTPException
     from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-    from rlhfkit.serve.common import bearer, clean_text, reject_bad_values, server_token
+    from rlhfkit.serve.common import bearer, clean_text, limit_body, reject_bad_values, server_token
 except ImportError:  # pragma: no cover - exercised only without the extra
     FastAPI = None
 
@@ -74,6 +74,8 @@ class ServeRewardConfig:
     """Most padded tokens in one forward pass."""
     batch_wait_ms: float = 5.0
     """How long a request waits for others to be batched with it (0: score each request alone)."""
+    max_body_mb: float = 64.0
+    """Largest request body in MB (a larger one gets 413 before it is read)."""
     request_timeout: float = 120.0
     """Seconds a request may wait for its rewards before it gets a 503."""
     mixed_precision: Literal["no", "bf16"] = "no"
@@ -217,6 +219,8 @@ if FastAPI is not None:
         @field_validator("query")
         @classmethod
         def no_nul(cls, v: list[str]) -> list[str]:
+            if any(not t for t in v):
+                raise ValueError("a query is empty: there is nothing to score")
             return [clean_text(t) for t in v]
 
     class ScoreRequest(BaseModel):
@@ -288,6 +292,7 @@ def create_app(cfg: ServeRewardConfig, scorer: Scorer | None = None) -> FastAPI:
 
     authorised = bearer(cfg.token)
     reject_bad_values(app)
+    limit_body(app, cfg.max_body_mb)
 
     def check_limits(texts: list[str]) -> None:
         if len(texts) > cfg.max_texts:
@@ -313,7 +318,7 @@ def create_app(cfg: ServeRewardConfig, scorer: Scorer | None = None) -> FastAPI:
     @app.post("/get_reward", dependencies=[Depends(authorised)])
     async def get_reward(body: GetRewardRequest):
         check_limits(body.query)
-        encoded = [scorer.encode_query(t) for t in body.query]
+        encoded = await asyncio.to_thread(lambda: [scorer.encode_query(t) for t in body.query])
         check_tokens(encoded)
         rewards, _ = await rewards_of([e[0] for e in encoded], [e[1] for e in encoded], False)
         return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
@@ -322,7 +327,7 @@ def create_app(cfg: ServeRewardConfig, scorer: Scorer | None = None) -> FastAPI:
     async def v1_score(body: ScoreRequest):
         prompts, responses = body.pairs()
         check_limits(responses)
-        encoded = [scorer.encode_pair(p, r) for p, r in zip(prompts, responses)]
+        encoded = await asyncio.to_thread(lambda: [scorer.encode_pair(p, r) for p, r in zip(prompts, responses)])
         check_tokens(encoded)
         rewards, ood = await rewards_of([e[0] for e in encoded], [e[1] for e in encoded], True)
         return {"rewards": rewards, **({"ood": ood} if ood is not None else {})}
