@@ -4,15 +4,9 @@ every request body goes through."""
 from __future__ import annotations
 
 import hmac
-import os
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-
-
-def server_token(token: str) -> str:
-    """The bearer token a server requires: the flag, else ``$RLHFKIT_SERVE_TOKEN``, else none."""
-    return token or os.environ.get("RLHFKIT_SERVE_TOKEN", "")
 
 
 def bearer(token: str):

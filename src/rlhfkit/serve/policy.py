@@ -29,34 +29,30 @@ import torch
 
 from rlhfkit.data.template import encode_prompt
 from rlhfkit.device import make_accelerator
-from rlhfkit.errors import ConfigError
 from rlhfkit.models import disable_dropout, load_causal_lm
 from rlhfkit.rollout.engine import SamplingParams, make_engine
+from rlhfkit.serve.args import ServerArgs
 
 try:  # the serve extra
     from fastapi import Depends, FastAPI, HTTPException
     from fastapi.responses import StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-    from rlhfkit.serve.common import bearer, clean_text, limit_body, reject_bad_values, server_token
+    from rlhfkit.serve.common import bearer, clean_text, limit_body, reject_bad_values
 except ImportError:  # pragma: no cover - exercised only without the extra
     FastAPI = None
 
 
 @dataclass
-class ServePolicyConfig:
+class ServePolicyConfig(ServerArgs):
     """Serve a policy over the OpenAI chat-completions API (POST /v1/chat/completions, GET /v1/models)."""
 
     model: str = "smollm2-135m-instruct"
     """The policy: a run's final/ folder, the bundled model, or any folder rlhfkit loads."""
     name: str = ""
     """The model id clients see in /v1/models and send as "model" ('' : the folder's name)."""
-    host: str = "127.0.0.1"
-    """Address to listen on."""
     port: int = 8001
     """Port to listen on."""
-    token: str = ""
-    """Bearer token every route requires ('' : none, unless $RLHFKIT_SERVE_TOKEN is set)."""
     rollout: Literal["hf"] = "hf"
     """Rollout engine that generates."""
     max_tokens: int = 512
@@ -67,13 +63,9 @@ class ServePolicyConfig:
     """Prompt plus completion tokens; a longer prompt gets 413."""
     max_body_mb: float = 16.0
     """Largest request body in MB (a larger one gets 413 before it is read)."""
-    mixed_precision: Literal["no", "bf16"] = "no"
-    """'bf16': generate under bf16 autocast."""
 
     def resolve(self) -> ServePolicyConfig:
-        if FastAPI is None:
-            raise ConfigError("serve policy needs the serve extra: pip install 'rlhfkit[serve]'")
-        self.token = server_token(self.token)
+        self.resolve_server("serve policy")
         self.name = self.name or self.model.rstrip("/").split("/")[-1]
         if self.name == "final":
             self.name = self.model.rstrip("/").split("/")[-2]

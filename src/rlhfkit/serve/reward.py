@@ -41,28 +41,23 @@ from rlhfkit.device import make_accelerator, place
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.ood import OODDetector
 from rlhfkit.models.reward import load_reward_model, read_reward, read_reward_and_features, read_sequences
+from rlhfkit.serve.args import ServerArgs
 
 try:  # the serve extra
     from fastapi import Depends, FastAPI, HTTPException
     from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-    from rlhfkit.serve.common import bearer, clean_text, limit_body, reject_bad_values, server_token
+    from rlhfkit.serve.common import bearer, clean_text, limit_body, reject_bad_values
 except ImportError:  # pragma: no cover - exercised only without the extra
     FastAPI = None
 
 
 @dataclass
-class ServeRewardConfig:
+class ServeRewardConfig(ServerArgs):
     """Serve a reward model over HTTP: OpenRLHF's POST /get_reward and rlhfkit's POST /v1/score."""
 
     model: str = ""
     """The reward model: a run's final/ folder (any AutoModelForSequenceClassification folder)."""
-    host: str = "127.0.0.1"
-    """Address to listen on (0.0.0.0: every interface)."""
-    port: int = 8000
-    """Port to listen on."""
-    token: str = ""
-    """Bearer token the scoring routes require ('' : none, unless $RLHFKIT_SERVE_TOKEN is set)."""
     max_texts: int = 512
     """Most texts in one request (a larger request gets 413)."""
     max_tokens: int = 4096
@@ -74,19 +69,13 @@ class ServeRewardConfig:
     """Most padded tokens in one forward pass."""
     batch_wait_ms: float = 5.0
     """How long a request waits for others to be batched with it (0: score each request alone)."""
-    max_body_mb: float = 64.0
-    """Largest request body in MB (a larger one gets 413 before it is read)."""
     request_timeout: float = 120.0
     """Seconds a request may wait for its rewards before it gets a 503."""
-    mixed_precision: Literal["no", "bf16"] = "no"
-    """'bf16': score under bf16 autocast (faster on CPUs with AMX; rewards differ in the third digit)."""
 
     def resolve(self) -> ServeRewardConfig:
         if not self.model:
             raise ConfigError("serve reward: --model RUN/final is required")
-        if FastAPI is None:
-            raise ConfigError("serve reward needs the serve extra: pip install 'rlhfkit[serve]'")
-        self.token = server_token(self.token)
+        self.resolve_server("serve reward")
         return self
 
 
