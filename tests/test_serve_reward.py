@@ -295,3 +295,28 @@ def test_stages_score_through_the_server(server, tiny_rm, tmp_path):
     run = pg(PGConfig(**common, reward=url, batch_size=2, samples_per_prompt=2, micro_batch_size=4, max_steps=1,
                       eval_size=2, eval_prompts=2, name="pg"))
     assert run.manifest()["status"] == "finished"
+
+
+def test_v1_score_returns_the_ood_flags_of_the_models_detector(tmp_path):
+    """A reward model saved with an OOD detector (as rm train saves it): /v1/score returns a flag per
+    response, equal to the detector's own verdict on offline features."""
+    from rlhfkit.models.ood import OODDetector
+    from rlhfkit.models.reward import embed, load_reward_model, save_reward_model
+
+    rm, tok = load_reward_model("tiny", seed=4)
+    folder = tmp_path / "rm"
+    save_reward_model(rm, tok, folder)
+    prompts = [[{"role": "user", "content": f"Tell me about thing {i}."}] for i in range(30)]
+    responses = [f"Thing {i} is {'big' if i % 2 else 'small'} and {'red' if i % 3 else 'blue'}." for i in range(30)]
+    detector = OODDetector.fit(embed(rm, tok, prompts, responses), seed=0, components=8)
+    detector.save(folder / "ood.pt")
+    probe = ["Thing 3 is big and blue.", "zzz qqq ### 0101 ¿¿¿ " * 8]
+    want = detector.flag(embed(rm, tok, prompts[:2], probe)).tolist()
+    s = Server(folder)
+    try:
+        code, out = request(s.url + "/v1/score", {"prompts": prompts[:2], "responses": probe})
+        health = request(s.url + "/health", None, method="GET")[1]
+    finally:
+        s.kill()
+    assert code == 200 and health["ood_detector"] is True
+    assert out["ood"] == want and all(isinstance(x, bool) for x in out["ood"])
