@@ -134,8 +134,10 @@ class Pending:
 
 
 class Batcher:
-    """Dynamic batching: a request's texts wait up to ``wait`` seconds for other requests' texts, up to
-    ``budget`` tokens in all, then all of them are scored together in a worker thread."""
+    """Dynamic batching: when a request arrives, the requests that arrive within the next ``wait``
+    seconds join it (up to ``budget`` tokens in all), and all their texts are scored together in a
+    worker thread. ``wait = 0`` scores each request alone. (Draining the queue after a sleep, rather
+    than ``wait_for(queue.get())``, cannot lose a request to a timeout race.)"""
 
     def __init__(self, scorer: Scorer, wait: float, budget: int):
         self.scorer, self.wait, self.budget = scorer, wait, budget
@@ -148,18 +150,14 @@ class Batcher:
         return await future
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             group = [await self.queue.get()]
             tokens = sum(map(len, group[0].seqs))
-            deadline = loop.time() + self.wait
-            while tokens < self.budget and (left := deadline - loop.time()) > 0:
-                try:
-                    nxt = await asyncio.wait_for(self.queue.get(), left)
-                except TimeoutError:
-                    break
-                group.append(nxt)
-                tokens += sum(map(len, nxt.seqs))
+            if self.wait > 0:  # let the requests arriving meanwhile join, up to the token budget
+                await asyncio.sleep(self.wait)
+                while tokens < self.budget and not self.queue.empty():
+                    group.append(self.queue.get_nowait())
+                    tokens += sum(map(len, group[-1].seqs))
             group = [p for p in group if not p.future.done()]  # a request that timed out is not scored
             if not group:
                 continue
