@@ -129,7 +129,7 @@ def fake_accelerator_device(monkeypatch):
 
         monkeypatch.setattr(module, name, spy)
         for user in ("rlhfkit.feedback.judge", "rlhfkit.feedback.label", "rlhfkit.train.best_of_n",
-                     "rlhfkit.rollout.phase", "rlhfkit.rollout.rewards"):
+                     "rlhfkit.rollout.engine", "rlhfkit.rollout.phase", "rlhfkit.rollout.rewards"):
             mod = __import__(user, fromlist=["x"])
             if hasattr(mod, name):
                 monkeypatch.setattr(mod, name, spy)

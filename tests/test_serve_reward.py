@@ -256,7 +256,7 @@ def test_generated_requests_never_get_a_server_error(tiny_rm):
     assert {op.path for op in operations} >= {"/get_reward", "/v1/score", "/health"}
     statuses = []
     for op in operations:
-        @settings(max_examples=25, deadline=None, database=None,
+        @settings(max_examples=25, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy())
         def check(case):

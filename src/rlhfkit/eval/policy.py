@@ -29,8 +29,7 @@ from rlhfkit.eval.metrics import sample_stats
 from rlhfkit.eval.report import write_report
 from rlhfkit.feedback.judge import judge_pairs, make_judge
 from rlhfkit.losses.kl import kl_penalty
-from rlhfkit.models import disable_dropout, load_causal_lm
-from rlhfkit.rollout.engine import RolloutEngine, make_engine
+from rlhfkit.rollout.engine import RolloutEngine, load_engine
 from rlhfkit.rollout.phase import (
     Prompts,
     Reference,
@@ -149,11 +148,9 @@ def run(cfg: EvalPolicyConfig) -> Run:
     print_config(cfg)
     run = Run.open(cfg, "eval-policy", inputs={"model": cfg.model, "reference": cfg.reference, "eval": cfg.eval,
                                                "train": cfg.train})
-    policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
-    disable_dropout(policy)
-    policy.eval()
     accelerator = make_accelerator(cfg)  # the bf16 autocast; the engines own the device
-    engine = make_engine(cfg.rollout, policy, accelerator.device)
+    engine, tokenizer = load_engine(cfg.rollout, cfg.model, accelerator.device, seed=cfg.seed)
+    policy = engine.model
     reference = Reference(policy, cfg.mixed_precision, cfg.reference).to(accelerator.device)
     if cfg.train:
         train, held, _ = load_train_eval(cfg, "prompt", print)

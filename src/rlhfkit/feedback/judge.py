@@ -19,8 +19,7 @@ from rlhfkit.data import load_records
 from rlhfkit.data.template import encode_prompt
 from rlhfkit.errors import ConfigError, RemoteError
 from rlhfkit.feedback.verdicts import parse_pairwise, parse_rating, summarise_pairwise
-from rlhfkit.models import disable_dropout, load_causal_lm
-from rlhfkit.rollout.engine import SamplingParams, make_engine
+from rlhfkit.rollout.engine import SamplingParams, load_engine
 from rlhfkit.rollout.rewards import post_json
 from rlhfkit.run import Run
 
@@ -78,9 +77,7 @@ class LocalJudge:
 
     def __init__(self, spec: str, max_new_tokens: int = 256, batch_size: int = 8, max_length: int = 2048,
                  rollout: str = "hf"):
-        model, self.tokenizer = load_causal_lm(spec)
-        disable_dropout(model)
-        self.engine = make_engine(rollout, model.eval())
+        self.engine, self.tokenizer = load_engine(rollout, spec)
         self.params = SamplingParams(self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
                                      max_new_tokens=max_new_tokens, temperature=0)
         self.max_new_tokens, self.batch_size, self.max_length = max_new_tokens, batch_size, max_length

@@ -31,8 +31,7 @@ import torch
 from rlhfkit.config import DataArgs, ModelArgs, RunArgs, print_config
 from rlhfkit.errors import ConfigError
 from rlhfkit.feedback.judge import judge_pairs, make_judge
-from rlhfkit.models import disable_dropout, load_causal_lm
-from rlhfkit.rollout.engine import make_engine
+from rlhfkit.rollout.engine import load_engine
 from rlhfkit.rollout.phase import SamplingArgs, prompts_from, rollout_phase
 from rlhfkit.rollout.rewards import RewardSource, reward_from
 from rlhfkit.run import Run, progress
@@ -115,9 +114,7 @@ def run(cfg: LabelConfig) -> Run:
     cfg.resolve()
     print_config(cfg)
     run = Run.open(cfg, "label", inputs={"train": cfg.train, "model": cfg.model})
-    policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
-    disable_dropout(policy)
-    engine = make_engine(cfg.rollout, policy.eval())
+    engine, tokenizer = load_engine(cfg.rollout, cfg.model, seed=cfg.seed)
     prompts = prompts_from(cfg, tokenizer)
     records = prompts.records
     judge = None

@@ -200,15 +200,20 @@ def save_reward_model(model: RewardModel | nn.Module, tokenizer, folder, state_d
     tokenizer.save_pretrained(folder)
 
 
+def encode_pair(tokenizer, prompt, response, max_length: int) -> tuple[list[int], int, int]:
+    """One (prompt, response) as the reward model reads it: (token ids, the number of response tokens at
+    their end, the pair's length before truncation). A pair longer than ``max_length`` loses its
+    oldest prompt tokens (and, if the response alone is too long, the response's first tokens)."""
+    prompt_ids, full = encode_prompt(tokenizer, prompt), encode_response(tokenizer, response, prompt)
+    resp = full[-(max_length - 1):]
+    ids = truncate(prompt_ids, resp, max_length, "prompt_left").input_ids
+    return ids, min(len(resp), len(ids)), len(prompt_ids) + len(full)
+
+
 def encode_pairs(tokenizer, prompts, responses, max_length: int) -> tuple[list[list[int]], list[int]]:
-    """Token ids of each (prompt, response) as the reward model reads it, and the number of response
-    tokens at the end of each sequence; pairs longer than ``max_length`` lose their oldest prompt tokens."""
-    seqs, n_response = [], []
-    for p, r in zip(prompts, responses):
-        resp = encode_response(tokenizer, r, p)[-(max_length - 1):]
-        seqs.append(truncate(encode_prompt(tokenizer, p), resp, max_length, "prompt_left").input_ids)
-        n_response.append(min(len(resp), len(seqs[-1])))
-    return seqs, n_response
+    """:func:`encode_pair` for many pairs: (token ids of each, response tokens of each)."""
+    encoded = [encode_pair(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+    return [e[0] for e in encoded], [e[1] for e in encoded]
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ import torch
 
 from rlhfkit.device import place, resolve_device
 from rlhfkit.errors import ConfigError
+from rlhfkit.models import disable_dropout, load_causal_lm
 from rlhfkit.rollout.sampler import Rollout, sample
 
 
@@ -89,3 +90,11 @@ def make_engine(kind: str, model, device: torch.device | None = None, adapter_of
         raise ConfigError(f"rollout: unknown engine {kind!r}; known: {', '.join(ENGINES)}")
     device = resolve_device(device)
     return ENGINES[kind](place(model, device), device, adapter_off=adapter_off)
+
+
+def load_engine(kind: str, spec: str, device: torch.device | None = None, seed: int = 0):
+    """A model loaded for sampling only (dropout off, eval mode) on the rollout engine ``kind``, and its
+    tokenizer: what bon, label, eval policy, the local judge and the policy server sample with."""
+    model, tokenizer = load_causal_lm(spec, seed=seed)
+    disable_dropout(model)
+    return make_engine(kind, model.eval(), device), tokenizer

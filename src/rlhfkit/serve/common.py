@@ -1,12 +1,14 @@
-"""What the HTTP servers share: the bearer-token check, one 422 for a bad value, and the text checks
-every request body goes through."""
+"""What the HTTP servers share: the bearer-token check, the body-size limit, one 422 for a bad value,
+the text check every request body goes through, and the chat message."""
 
 from __future__ import annotations
 
 import hmac
+from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, field_validator
 
 
 def bearer(token: str):
@@ -47,3 +49,16 @@ def clean_text(text: str) -> str:
     if "\x00" in text:
         raise ValueError("a text holds a NUL byte")
     return text
+
+
+class Message(BaseModel):
+    """A chat message in a request body (other keys a client sends, such as OpenAI's ``name``, are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def no_nul(cls, v: str) -> str:
+        return clean_text(v)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-import torch
 import tyro
 from peft import PeftModel
 
@@ -91,14 +90,13 @@ def rotary_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensor(name: str, w: torch.Tensor, kind: str) -> tuple[np.ndarray, object]:
-    """(data, raw dtype) of one tensor: 1-D tensors (norms) stay f32; matrices get ``kind``."""
-    data = w.detach().float().cpu().numpy()
+def gguf_tensor(data: np.ndarray, kind: str) -> tuple[np.ndarray, object]:
+    """(data, raw dtype) of one fp32 array: 1-D arrays (norms) stay f32; matrices get ``kind``."""
     if data.ndim == 1:
         return data.astype(np.float32), None
-    qtype = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[kind])
     if kind == "f16":
         return data.astype(np.float16), None
+    qtype = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[kind])
     return gguf.quants.quantize(data, qtype), qtype
 
 
@@ -158,12 +156,10 @@ def write_gguf(model, tokenizer, path: Path, kind: str, pre: str) -> Path:
         target = gguf_name(name)
         if target is None or (name == "lm_head.weight" and c.tie_word_embeddings):
             continue
-        data = tensor
-        if name.endswith("q_proj.weight"):
-            data = torch.from_numpy(rotary_permute(tensor.float().numpy(), heads))
-        elif name.endswith("k_proj.weight"):
-            data = torch.from_numpy(rotary_permute(tensor.float().numpy(), kv))
-        array, raw = gguf_tensor(target, data, kind)
+        data = tensor.detach().float().cpu().numpy()
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            data = rotary_permute(data, heads if name.endswith("q_proj.weight") else kv)
+        array, raw = gguf_tensor(data, kind)
         if raw is None:
             w.add_tensor(target, array)
         else:

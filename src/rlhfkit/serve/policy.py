@@ -29,16 +29,15 @@ import torch
 
 from rlhfkit.data.template import encode_prompt
 from rlhfkit.device import make_accelerator
-from rlhfkit.models import disable_dropout, load_causal_lm
-from rlhfkit.rollout.engine import SamplingParams, make_engine
+from rlhfkit.rollout.engine import SamplingParams, load_engine
 from rlhfkit.serve.args import ServerArgs
 
 try:  # the serve extra
     from fastapi import Depends, FastAPI, HTTPException
     from fastapi.responses import StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    from pydantic import BaseModel, ConfigDict, Field
 
-    from rlhfkit.serve.common import bearer, clean_text, limit_body, reject_bad_values
+    from rlhfkit.serve.common import Message, bearer, limit_body, reject_bad_values
 except ImportError:  # pragma: no cover - exercised only without the extra
     FastAPI = None
 
@@ -76,10 +75,8 @@ class Generator:
     """The policy on its rollout engine; one generation at a time."""
 
     def __init__(self, cfg: ServePolicyConfig):
-        model, self.tokenizer = load_causal_lm(cfg.model)
-        disable_dropout(model)
         self.accelerator = make_accelerator(cfg)
-        self.engine = make_engine(cfg.rollout, model.eval(), self.accelerator.device)
+        self.engine, self.tokenizer = load_engine(cfg.rollout, cfg.model, self.accelerator.device)
         self.lock = threading.Lock()
 
     def generate(self, prompt_ids: list[int], n: int, params: SamplingParams, seed: int | None, on_token=None):
@@ -130,9 +127,10 @@ class Choice:
             self.finish = "length"
         return self.flush()
 
-    def token_logprobs(self) -> list[dict]:
+    def token_logprobs(self, start: int = 0) -> list[dict]:
+        """OpenAI's logprobs entries of the tokens from ``start`` on."""
         out = []
-        for t, lp in zip(self.ids, self.logprobs):
+        for t, lp in zip(self.ids[start:], self.logprobs[start:]):
             piece = self.tokenizer.decode([t])
             out.append({"token": piece, "logprob": lp, "bytes": list(piece.encode()), "top_logprobs": []})
         return out
@@ -140,22 +138,12 @@ class Choice:
 
 if FastAPI is not None:
 
-    class ChatMessage(BaseModel):
-        model_config = ConfigDict(extra="ignore")
-        role: Literal["system", "user", "assistant"]
-        content: str
-
-        @field_validator("content")
-        @classmethod
-        def no_nul(cls, v: str) -> str:
-            return clean_text(v)
-
     class ChatRequest(BaseModel):
         """The OpenAI chat-completions request (fields this server does not use are ignored)."""
 
         model_config = ConfigDict(extra="ignore")
         model: str | None = None
-        messages: list[ChatMessage] = Field(min_length=1)
+        messages: list[Message] = Field(min_length=1)
         temperature: float = Field(1.0, ge=0.0, le=2.0)
         top_p: float = Field(1.0, gt=0.0, le=1.0)
         max_tokens: int | None = Field(None, ge=1)
@@ -246,7 +234,7 @@ def create_app(cfg: ServePolicyConfig, generator: Generator | None = None) -> Fa
                 if live:
                     before = len(choices[i].ids)
                     text = choices[i].add(t, lp)
-                    logprobs = ({"content": choices[i].token_logprobs()[before:]} if body.logprobs else None)
+                    logprobs = {"content": choices[i].token_logprobs(before)} if body.logprobs else None
                     if text or (logprobs and logprobs["content"]):
                         yield chunk(i, {"content": text}, logprobs=logprobs)
         await task  # raises here if generation failed

@@ -33,21 +33,25 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 from rlhfkit.data.batching import length_batches
-from rlhfkit.data.template import encode_prompt, encode_response, truncate
 from rlhfkit.device import make_accelerator, place
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.ood import OODDetector
-from rlhfkit.models.reward import load_reward_model, read_reward, read_reward_and_features, read_sequences
+from rlhfkit.models.reward import (
+    encode_pair,
+    load_reward_model,
+    read_reward,
+    read_reward_and_features,
+    read_sequences,
+)
 from rlhfkit.serve.args import ServerArgs
 
 try:  # the serve extra
     from fastapi import Depends, FastAPI, HTTPException
     from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-    from rlhfkit.serve.common import bearer, clean_text, limit_body, reject_bad_values
+    from rlhfkit.serve.common import Message, bearer, clean_text, limit_body, reject_bad_values
 except ImportError:  # pragma: no cover - exercised only without the extra
     FastAPI = None
 
@@ -109,11 +113,7 @@ class Scorer:
 
     def encode_pair(self, prompt: list[dict], response: str) -> tuple[list[int], int, int]:
         """(prompt, response) exactly as ``rm score`` encodes it: (ids, response tokens, total tokens)."""
-        full = encode_response(self.tokenizer, response, prompt)
-        prompt_ids = encode_prompt(self.tokenizer, prompt)
-        resp = full[-(self.cfg.max_length - 1):]
-        ids = truncate(prompt_ids, resp, self.cfg.max_length, "prompt_left").input_ids
-        return ids, min(len(resp), len(ids)), len(prompt_ids) + len(full)
+        return encode_pair(self.tokenizer, prompt, response, self.cfg.max_length)
 
     def score(self, seqs: list[list[int]], n_response: list[int], features: bool) -> tuple[list[float], list | None]:
         """Rewards (and OOD flags when asked and the model has a detector) for encoded sequences."""
@@ -185,16 +185,6 @@ class Batcher:
 
 
 if FastAPI is not None:
-
-    class Message(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        role: Literal["system", "user", "assistant"]
-        content: str
-
-        @field_validator("content")
-        @classmethod
-        def no_nul(cls, v: str) -> str:
-            return clean_text(v)
 
     class GetRewardRequest(BaseModel):
         """OpenRLHF's remote reward request."""

@@ -22,8 +22,7 @@ import torch
 from rlhfkit.config import DataArgs, ModelArgs, RunArgs, print_config
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.kl import best_of_n_kl
-from rlhfkit.models import disable_dropout, load_causal_lm
-from rlhfkit.rollout.engine import make_engine
+from rlhfkit.rollout.engine import load_engine
 from rlhfkit.rollout.phase import SamplingArgs, prompts_from, rollout_phase
 from rlhfkit.rollout.rewards import reward_from
 from rlhfkit.run import Run, progress
@@ -55,9 +54,7 @@ def run(cfg: BoNConfig) -> Run:
     cfg.resolve()
     print_config(cfg)
     run = Run.open(cfg, "bon", inputs={"train": cfg.train, "model": cfg.model})
-    policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
-    disable_dropout(policy)
-    engine = make_engine(cfg.rollout, policy.eval())
+    engine, tokenizer = load_engine(cfg.rollout, cfg.model, seed=cfg.seed)
     reward = reward_from(cfg, cfg.reward, engine.device)
     prompts = prompts_from(cfg, tokenizer)
     records = prompts.records
