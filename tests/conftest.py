@@ -96,8 +96,10 @@ class ServerProcess:
     """``rlhfkit <args> --port P`` in a subprocess, started and waited for until ``health`` answers 200;
     ``kill()`` sends SIGKILL."""
 
-    def __init__(self, args: list[str], health: str, port: int | None = None, env: dict | None = None):
+    def __init__(self, args: list[str], health: str, port: int | None = None, env: dict | None = None,
+                 token: str | None = None):
         self.port = port or free_port()
+        self.token = token
         self.url = f"http://127.0.0.1:{self.port}"
         self.health = health
         self.args = [PYTHON, "-m", "rlhfkit.cli", *args, "--port", str(self.port)]
@@ -119,7 +121,7 @@ class ServerProcess:
         raise RuntimeError("server did not start within 120 s")
 
     def auth(self) -> dict:
-        token = self.env.get("RLHFKIT_SERVE_TOKEN")
+        token = self.token or self.env.get("RLHFKIT_SERVE_TOKEN")
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     def kill(self) -> None:
@@ -138,3 +140,57 @@ def request(url: str, body, method: str = "POST", headers: dict | None = None, r
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")
+
+
+# --------------------------------------------------------------------- PostgreSQL for the tests
+
+
+def _pg_bin() -> Path | None:
+    import glob
+    import shutil
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server (Debian's postgresql, which `make test` installs) on a free
+    loopback port, for the session; its URL. Skipped with the reason when PostgreSQL is absent."""
+    import pwd
+    import shutil
+
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; `make test` does this as root)")
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="rlhfkit-pg-"))  # not under pytest's root-only folder
+    data, sock = base / "data", base / "sock"
+    sock.mkdir()
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as the postgres user
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL as")
+        os.chmod(base, 0o755)
+        for p in (base, sock):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        run_as = [shutil.which("runuser") or "/sbin/runuser", "-u", "postgres", "--"]
+    port = free_port()
+    for cmd in ([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8"],
+                [str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(base / "log"), "-o",
+                 f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c max_connections=200", "start"]):
+        out = subprocess.run([*run_as, *cmd], capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"{' '.join(cmd[:1])} failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)

@@ -17,13 +17,14 @@ class Stage:
     module: str
     config: str
     help: str
+    function: str = "run"
 
     def config_class(self) -> type:
         return getattr(importlib.import_module(self.module), self.config)
 
     def entry(self):
         """The stage's ``run(cfg)``: a :class:`rlhfkit.run.Run` for stages with a run directory."""
-        return importlib.import_module(self.module).run
+        return getattr(importlib.import_module(self.module), self.function)
 
 
 STAGES: dict[str, Stage] = {
@@ -50,6 +51,16 @@ STAGES: dict[str, Stage] = {
                           "serve a reward model over HTTP (OpenRLHF's /get_reward and /v1/score)"),
     "serve policy": Stage("rlhfkit.serve.policy", "ServePolicyConfig",
                           "serve a policy over the OpenAI chat-completions API"),
+    "annotate create": Stage("rlhfkit.annotate.commands", "CreateConfig",
+                             "create an annotation project (pairwise, ranking, likert, steps, critique)", "run_create"),
+    "annotate serve": Stage("rlhfkit.annotate.commands", "AnnotateServeConfig",
+                            "serve the annotation web app (SQLite or PostgreSQL)", "run_serve"),
+    "annotate users": Stage("rlhfkit.annotate.commands", "UsersConfig",
+                            "add, list, disable or enable annotators and admins", "run_users"),
+    "annotate export": Stage("rlhfkit.annotate.commands", "AnnotateExportConfig",
+                             "export judgements for rm train / dpo, and every annotator event", "run_export"),
+    "annotate stats": Stage("rlhfkit.annotate.commands", "StatsConfig",
+                            "progress of an annotation project, per annotator", "run_stats"),
     "export": Stage("rlhfkit.serve.export", "ExportConfig",
                     "export a policy: merged Hugging Face folder or GGUF (f16, bf16, Q8_0)"),
 }

@@ -37,7 +37,8 @@ try:  # the serve extra
     from fastapi.responses import StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
 
-    from rlhfkit.serve.common import Message, bearer, limit_body, reject_bad_values
+    from rlhfkit.serve.common import Message
+    from rlhfkit.web import bearer, limit_body, reject_bad_values
 except ImportError:  # pragma: no cover - exercised only without the extra
     FastAPI = None
 

@@ -51,7 +51,8 @@ try:  # the serve extra
     from fastapi import Depends, FastAPI, HTTPException
     from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-    from rlhfkit.serve.common import Message, bearer, clean_text, limit_body, reject_bad_values
+    from rlhfkit.serve.common import Message
+    from rlhfkit.web import bearer, clean_text, limit_body, reject_bad_values
 except ImportError:  # pragma: no cover - exercised only without the extra
     FastAPI = None
 

@@ -1,0 +1,11 @@
+"""Alembic environment: migrations run on the connection :func:`rlhfkit.annotate.db.migrate` passes in
+(``config.attributes["connection"]``), online only."""
+
+from alembic import context
+
+from rlhfkit.annotate.db import Base
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+with context.begin_transaction():
+    context.run_migrations()
