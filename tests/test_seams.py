@@ -167,7 +167,7 @@ def test_every_stage_config_resolves_its_own_required_fields():
     from rlhfkit.stages import STAGES
 
     positional = {"data inspect", "export"}  # their one required field is a positional argument
-    complete = {"serve policy"}  # every field has a usable default (the bundled model)
+    complete = {"serve policy", "annotate serve", "annotate users"}  # every field has a usable default
     for name, stage in STAGES.items():
         cls = stage.config_class()
         assert hasattr(cls, "resolve") or name in positional, name

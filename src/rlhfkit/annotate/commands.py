@@ -1,23 +1,43 @@
 """``rlhfkit annotate {create,serve,users,export,stats}``: the annotation app's commands.
 
-This module imports only the standard library and rlhfkit's config at the top, so ``--help`` works
-without the ``annotate`` extra; each command imports what it needs when it runs.
+Without the ``annotate`` extra this module still imports (so ``--help`` works); a command then says
+which package is missing and how to install it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
+import torch
 import tyro
 
+from rlhfkit.annotate.tasks import AnswerError
 from rlhfkit.config import DataArgs, print_config
+from rlhfkit.data.formats import load_records
+from rlhfkit.data.records import Demonstration, Preference, Ranking, Rating, StepSolution
 from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.rollout.phase import SamplingArgs
+from rlhfkit.feedback.label import Unscored
+from rlhfkit.rollout.engine import load_engine
+from rlhfkit.rollout.phase import SamplingArgs, prompts_from, rollout_phase
+
+try:  # the annotate extra: the database
+    from rlhfkit.annotate import store
+    from rlhfkit.annotate.db import database_url, open_db
+    from rlhfkit.annotate.export import export
+except ImportError:  # pragma: no cover - exercised only without the extra
+    store = None
+try:  # the annotate extra: the web app
+    import uvicorn
+
+    from rlhfkit.annotate.app import create_app
+except ImportError:  # pragma: no cover
+    create_app = None
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -36,19 +56,14 @@ class AnnotateArgs:
         if missing:
             raise ConfigError(f"annotate needs the annotate extra ({', '.join(missing)} missing): "
                               "pip install 'rlhfkit[annotate]'")
-        from rlhfkit.annotate.db import database_url, open_db
-
         return open_db(database_url(self.db, self.dir))
 
 
 def wrap(fn, *args, **kwargs):
     """Run a store action, turning its errors into rlhfkit errors (one line, exit status 2)."""
-    from rlhfkit.annotate.store import Conflict, Forbidden, NotFound
-    from rlhfkit.annotate.tasks import AnswerError
-
     try:
         return fn(*args, **kwargs)
-    except (AnswerError, NotFound, Forbidden, Conflict) as e:
+    except (AnswerError, store.NotFound, store.Forbidden, store.Conflict) as e:
         raise RlhfkitError(str(e)) from None
 
 
@@ -122,8 +137,6 @@ class CreateConfig(AnnotateArgs, DataArgs, SamplingArgs):
 def responses_by_prompt(records) -> list[tuple[list, list[str]]]:
     """(prompt, responses) in file order, the responses of records that share a prompt gathered (a
     preference gives its two, a ranking its list, a demonstration or rating its one)."""
-    from rlhfkit.data.records import Demonstration, Preference, Ranking, Rating, StepSolution
-
     out: dict[str, tuple[list, list[str]]] = {}
     for r in records:
         if isinstance(r, Preference):
@@ -145,10 +158,6 @@ def responses_by_prompt(records) -> list[tuple[list, list[str]]]:
 
 def items_for(task: str, groups: list[tuple[list, list[str]]], records=None) -> tuple[list[dict], dict]:
     """Items of a task from prompts and their responses; (items, what was left out and why)."""
-    import itertools
-
-    from rlhfkit.data.records import StepSolution
-
     items, left = [], {}
     if task == "steps" and records is not None and all(isinstance(r, StepSolution) for r in records):
         return [{"prompt": r.prompt, "responses": list(r.steps), "meta": {"source": r.source}} for r in records], left
@@ -174,8 +183,6 @@ def items_for(task: str, groups: list[tuple[list, list[str]]], records=None) -> 
 
 def gold_items(task: str, path: str, fields: str) -> list[dict]:
     """Gold items and their answers (in the item's order) from a labelled file."""
-    from rlhfkit.data.formats import load_records
-
     kind = {"pairwise": "preference", "ranking": "ranking", "likert": "rating", "steps": "steps"}[task]
     out = []
     for r in load_records(path, kind=kind, fields=fields).records:
@@ -195,12 +202,6 @@ def gold_items(task: str, path: str, fields: str) -> list[dict]:
 
 def sample_groups(cfg: CreateConfig) -> list[tuple[list, list[str]]]:
     """Prompts of --train and --k responses each from --model, through the rollout engine."""
-    import torch
-
-    from rlhfkit.feedback.label import Unscored
-    from rlhfkit.rollout.engine import load_engine
-    from rlhfkit.rollout.phase import prompts_from, rollout_phase
-
     engine, tokenizer = load_engine(cfg.rollout, cfg.model, seed=cfg.seed)
     prompts = prompts_from(cfg, tokenizer)
     groups = []
@@ -216,9 +217,6 @@ def sample_groups(cfg: CreateConfig) -> list[tuple[list, list[str]]]:
 def run_create(cfg: CreateConfig) -> dict:
     cfg.resolve()
     print_config(cfg)
-    from rlhfkit.annotate import store
-    from rlhfkit.data.formats import load_records
-
     db = cfg.open()
     records = None
     if cfg.k:
@@ -255,17 +253,17 @@ class AnnotateServeConfig(AnnotateArgs):
     max_body_mb: float = 2.0
     """Largest request body in MB."""
 
+    def resolve(self) -> AnnotateServeConfig:
+        missing = [m for m in ("fastapi", "uvicorn", "jinja2", "starlette_csrf", "itsdangerous", "multipart",
+                               "markdown_it") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"annotate serve needs the annotate extra ({', '.join(missing)} missing): "
+                              "pip install 'rlhfkit[annotate]'")
+        return self
+
 
 def run_serve(cfg: AnnotateServeConfig) -> None:
-    missing = [m for m in ("fastapi", "uvicorn", "jinja2", "starlette_csrf", "itsdangerous", "multipart", "markdown_it")
-               if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ConfigError(f"annotate serve needs the annotate extra ({', '.join(missing)} missing): "
-                          "pip install 'rlhfkit[annotate]'")
-    import uvicorn
-
-    from rlhfkit.annotate.app import create_app
-
+    cfg.resolve()
     db = cfg.open()
     app = create_app(db, cfg.secure_cookies, cfg.max_body_mb)
     print(f"rlhfkit annotate: http://{cfg.host}:{cfg.port}/login (database {db.kw['bind'].url.render_as_string()})",
@@ -288,12 +286,14 @@ class UsersConfig(AnnotateArgs):
     role: Literal["annotator", "admin"] = "annotator"
     """The new user's role (add)."""
 
+    def resolve(self) -> UsersConfig:
+        if self.action != "list" and not self.name:
+            raise ConfigError(f"annotate users {self.action}: give the user's name")
+        return self
+
 
 def run_users(cfg: UsersConfig):
-    from rlhfkit.annotate import store
-
-    if cfg.action != "list" and not cfg.name:
-        raise ConfigError(f"annotate users {cfg.action}: give the user's name")
+    cfg.resolve()
     db = cfg.open()
     if cfg.action == "add":
         token = wrap(store.add_user, db, cfg.name, cfg.role)
@@ -323,12 +323,14 @@ class AnnotateExportConfig(AnnotateArgs):
     min_votes: int = 0
     """Items with fewer judgements are left out (0: the project's overlap)."""
 
+    def resolve(self) -> AnnotateExportConfig:
+        if not self.project:
+            raise ConfigError("annotate export: --project NAME is required")
+        return self
+
 
 def run_export(cfg: AnnotateExportConfig) -> dict:
-    from rlhfkit.annotate.export import export
-
-    if not cfg.project:
-        raise ConfigError("annotate export: --project NAME is required")
+    cfg.resolve()
     out = cfg.output or str(Path(cfg.dir) / "export" / cfg.project)
     stats = wrap(export, cfg.open(), cfg.project, out, cfg.min_votes or None)
     print(json.dumps(stats))
@@ -344,12 +346,14 @@ class StatsConfig(AnnotateArgs):
     json: bool = False
     """Print JSON instead of a table."""
 
+    def resolve(self) -> StatsConfig:
+        if not self.project:
+            raise ConfigError("annotate stats: --project NAME is required")
+        return self
+
 
 def run_stats(cfg: StatsConfig) -> dict:
-    from rlhfkit.annotate import store
-
-    if not cfg.project:
-        raise ConfigError("annotate stats: --project NAME is required")
+    cfg.resolve()
     stats = wrap(store.progress, cfg.open(), cfg.project)
     if cfg.json:
         print(json.dumps(stats, indent=1))
