@@ -27,6 +27,22 @@ def shared(relpath: str) -> Path:
     return path
 
 
+# Model text that must stay inert wherever it is shown (the annotation pages, the report).
+HOSTILE_TEXTS = [
+    "<script>window.__pwned = 1; alert('xss')</script>",
+    '<img src=x onerror="window.__pwned = 2; alert(2)">',
+    '<a href="javascript:window.__pwned=3;alert(3)">click me</a>',
+    "\u202eevil RTL override\u202c and then normal text",
+    "A" * 25_000,
+    "before NUL \x00 after NUL",
+]
+
+
+def chat(text: str) -> list[dict]:
+    """A one-message chat prompt."""
+    return [{"role": "user", "content": text}]
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     with open(path, "w") as f:
         for row in rows:

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("sqlalchemy", reason="the annotate extra is not installed (pip install 'rlhfkit[annotate]')")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install 'rlhfkit[dev]')")
 
-from conftest import ServerProcess  # noqa: E402
+from conftest import HOSTILE_TEXTS, ServerProcess, chat  # noqa: E402
 from rlhfkit.annotate import store  # noqa: E402
 from rlhfkit.annotate.db import open_db  # noqa: E402
 from rlhfkit.annotate.export import export  # noqa: E402
@@ -27,18 +27,7 @@ pytestmark = [pytest.mark.slow,
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-HOSTILE = [
-    "<script>window.__pwned = 1; alert('xss')</script>",
-    '<img src=x onerror="window.__pwned = 2; alert(2)">',
-    '<a href="javascript:window.__pwned=3;alert(3)">click me</a>',
-    "\u202eevil RTL override\u202c and then normal text",
-    "A" * 25_000,
-    "before NUL \x00 after NUL",
-]
 
-
-def P(text):  # noqa: N802
-    return [{"role": "user", "content": text}]
 
 
 @pytest.fixture(scope="module")
@@ -47,20 +36,20 @@ def app(tmp_path_factory):
     db = open_db(f"sqlite:///{folder / 'annotate.db'}")
     q = "Explain why the sky is blue in two sentences."
     guidelines = "Judge **helpfulness** first, then honesty. Ties are fine when neither is better."
-    store.create_project(db, "pairs", "pairwise", 3, [{"prompt": P(q), "responses": [
+    store.create_project(db, "pairs", "pairwise", 3, [{"prompt": chat(q), "responses": [
         "Sunlight scatters off air molecules; blue light scatters most (Rayleigh scattering), so the sky looks blue.",
         "Because it reflects the ocean."]}], guidelines=guidelines)
-    store.create_project(db, "ranks", "ranking", 3, [{"prompt": P("Name a prime number."), "responses": [
+    store.create_project(db, "ranks", "ranking", 3, [{"prompt": chat("Name a prime number."), "responses": [
         "7 is prime.", "9 is prime.", "2, the only even prime."]}])
-    store.create_project(db, "ratings", "likert", 3, [{"prompt": P("What is the capital of Australia?"),
+    store.create_project(db, "ratings", "likert", 3, [{"prompt": chat("What is the capital of Australia?"),
                                                        "responses": ["Sydney is the capital of Australia."]}])
-    store.create_project(db, "steps", "steps", 3, [{"prompt": P("What is 12 * 13?"), "responses": [
+    store.create_project(db, "steps", "steps", 3, [{"prompt": chat("What is 12 * 13?"), "responses": [
         "12 * 13 = 12 * 10 + 12 * 3.", "12 * 10 = 120 and 12 * 3 = 38.", "So 12 * 13 = 158."]}],
         options={"stop_at_first_wrong": True})
-    store.create_project(db, "critiques", "critique", 3, [{"prompt": P("Write a haiku about rain."), "responses": [
+    store.create_project(db, "critiques", "critique", 3, [{"prompt": chat("Write a haiku about rain."), "responses": [
         "Rain falls on the roof / it is wet and it is cold / I like the rain a lot"]}])
-    store.create_project(db, "hostile", "ranking", 3, [{"prompt": P(HOSTILE[0] + " " + HOSTILE[3]),
-                                                        "responses": HOSTILE}])
+    store.create_project(db, "hostile", "ranking", 3, [{"prompt": chat(HOSTILE_TEXTS[0] + " " + HOSTILE_TEXTS[3]),
+                                                        "responses": HOSTILE_TEXTS}])
     annotator = store.add_user(db, "ada", "annotator")
     admin = store.add_user(db, "grace", "admin")
     server = ServerProcess(["annotate", "serve", "--dir", str(folder)], "/api/health", token=admin)

@@ -17,29 +17,16 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed (pip install
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from conftest import ServerProcess  # noqa: E402
+from conftest import HOSTILE_TEXTS, ServerProcess, chat  # noqa: E402
 from rlhfkit.annotate import store  # noqa: E402
 from rlhfkit.annotate.app import PUBLIC, create_app, route_table  # noqa: E402
 from rlhfkit.annotate.db import Item, Judgement, open_db  # noqa: E402
-
-HOSTILE = [
-    "<script>window.__pwned = 1; alert('xss')</script>",
-    '<img src=x onerror="window.__pwned = 2; alert(2)">',
-    '<a href="javascript:window.__pwned=3;alert(3)">click me</a>',
-    "\u202eevil RTL override text that flips direction\u202c and more",
-    "A" * 25_000,
-    "before NUL \x00 after NUL",
-]
-
-
-def P(text):  # noqa: N802
-    return [{"role": "user", "content": text}]
 
 
 @pytest.fixture
 def setup(tmp_path):
     db = open_db(f"sqlite:///{tmp_path / 'a.db'}")
-    store.create_project(db, "p", "pairwise", 2, [{"prompt": P(f"q{i}"), "responses": [f"x{i}", f"y{i}"]}
+    store.create_project(db, "p", "pairwise", 2, [{"prompt": chat(f"q{i}"), "responses": [f"x{i}", f"y{i}"]}
                                                   for i in range(5)])
     tokens = {name: store.add_user(db, name, role) for name, role in
               (("alice", "annotator"), ("bob", "annotator"), ("root", "admin"))}
@@ -167,7 +154,7 @@ def test_bad_input_gets_a_4xx_with_a_message_and_the_server_keeps_serving(setup)
 
 def test_model_text_is_escaped_in_every_page(tmp_path):
     db = open_db(f"sqlite:///{tmp_path / 'a.db'}")
-    store.create_project(db, "h", "pairwise", 1, [{"prompt": P(HOSTILE[0]), "responses": [HOSTILE[1], HOSTILE[2]]}],
+    store.create_project(db, "h", "pairwise", 1, [{"prompt": chat(HOSTILE_TEXTS[0]), "responses": [HOSTILE_TEXTS[1], HOSTILE_TEXTS[2]]}],
                          guidelines="Be kind. <script>alert('g')</script> [x](javascript:alert(1))")
     token = store.add_user(db, "ann", "annotator")
     client = TestClient(create_app(db))
@@ -206,7 +193,7 @@ def load_with_a_crash(tmp_path, db_arg: str, annotators=50, each=20, overlap=3):
 
     db = open_db(database_url(db_arg, folder))
     n_items = annotators * each // overlap + 40
-    store.create_project(db, "load", "pairwise", overlap, [{"prompt": P(f"q{i}"), "responses": [f"a{i}", f"b{i}"]}
+    store.create_project(db, "load", "pairwise", overlap, [{"prompt": chat(f"q{i}"), "responses": [f"a{i}", f"b{i}"]}
                                                            for i in range(n_items)])
     tokens = [store.add_user(db, f"ann{i:02d}") for i in range(annotators)]
     admin = store.add_user(db, "admin", "admin")
@@ -323,6 +310,6 @@ def test_postgresql_schema_equals_the_models(postgres_url):
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     # and NUL bytes in model text survive PostgreSQL, which refuses them in text columns
     db = open_db(url)
-    store.create_project(db, "nul", "likert", 1, [{"prompt": P("q"), "responses": [HOSTILE[5]]}])
+    store.create_project(db, "nul", "likert", 1, [{"prompt": chat("q"), "responses": [HOSTILE_TEXTS[5]]}])
     with db() as s:
-        assert s.query(Item).one().responses == [HOSTILE[5]]
+        assert s.query(Item).one().responses == [HOSTILE_TEXTS[5]]

@@ -11,15 +11,11 @@ import pytest
 pytest.importorskip("sqlalchemy", reason="the annotate extra is not installed (pip install 'rlhfkit[annotate]')")
 pytest.importorskip("alembic", reason="the annotate extra is not installed (pip install 'rlhfkit[annotate]')")
 
-from conftest import write_jsonl  # noqa: E402
+from conftest import chat, write_jsonl  # noqa: E402
 from rlhfkit.annotate import store  # noqa: E402
 from rlhfkit.annotate.db import Base, Item, Judgement, connect, open_db  # noqa: E402
 from rlhfkit.annotate.export import consensus_pair, consensus_ranking, consensus_steps, export  # noqa: E402
 from rlhfkit.annotate.tasks import AnswerError, canonical, options_for  # noqa: E402
-
-
-def P(text):  # noqa: N802
-    return [{"role": "user", "content": text}]
 
 
 @pytest.fixture
@@ -28,7 +24,7 @@ def db(tmp_path):
 
 
 def pairs(n):
-    return [{"prompt": P(f"q{i}"), "responses": [f"first {i}", f"second {i}"]} for i in range(n)]
+    return [{"prompt": chat(f"q{i}"), "responses": [f"first {i}", f"second {i}"]} for i in range(n)]
 
 
 def users(db, n, role="annotator"):
@@ -55,7 +51,7 @@ def test_migrations_build_the_schema_the_models_describe(tmp_path):
 
 def test_nul_bytes_and_any_unicode_round_trip(db):
     text = "a\x00b \u202e evil \U0001F600"
-    store.create_project(db, "nul", "likert", 1, [{"prompt": P(text), "responses": [text]}])
+    store.create_project(db, "nul", "likert", 1, [{"prompt": chat(text), "responses": [text]}])
     with db() as s:
         item = s.query(Item).one()
         assert item.prompt[0]["content"] == text and item.responses == [text]
@@ -175,7 +171,7 @@ def test_skip_and_flag_take_the_item_out_of_that_annotators_queue(db):
 
 
 def test_gold_items_come_at_the_set_rate_and_do_not_count_towards_overlap(db):
-    gold = [{"prompt": P(f"g{i}"), "responses": ["good", "bad"], "gold": {"winner": "a"}} for i in range(5)]
+    gold = [{"prompt": chat(f"g{i}"), "responses": ["good", "bad"], "gold": {"winner": "a"}} for i in range(5)]
     store.create_project(db, "p", "pairwise", 1, pairs(20), gold=gold, options={"gold_rate": 0.25})
     a, b = users(db, 2)
     kinds = []
@@ -216,7 +212,7 @@ def test_annotators_change_only_their_own_judgements(db):
 def test_consensus_rules():
     """Majority with ties dropped, margin = the majority's mean strength; rankings by mean rank;
     steps by majority per step."""
-    prompt, resp = P("q"), ["x", "y"]
+    prompt, resp = chat("q"), ["x", "y"]
     v = [{"winner": "b", "strength": 3}, {"winner": "b", "strength": 1}, {"winner": "a", "strength": 2}]
     assert consensus_pair(prompt, resp, v, 3) == {"prompt": prompt, "chosen": "y", "rejected": "x", "votes": 3,
                                                   "agreement": 0.666667, "margin": 2.0}
@@ -240,7 +236,7 @@ def judge_all(db, name, annotators, answer_for):
 def test_an_export_trains_a_reward_model(db, tmp_path):
     """Three annotators judge 12 pairs, two of them preferring the longer answer; the export is read by
     ``rm train`` as it is, and the run trains on every exported pair."""
-    items = [{"prompt": P(f"Name a colour ({i})"), "responses": ["Red.", "Red is the colour of ripe tomatoes."]}
+    items = [{"prompt": chat(f"Name a colour ({i})"), "responses": ["Red.", "Red is the colour of ripe tomatoes."]}
              for i in range(12)]
     store.create_project(db, "colours", "pairwise", 3, items)
     ann = users(db, 3)
@@ -273,10 +269,10 @@ def test_an_export_trains_a_reward_model(db, tmp_path):
 def test_every_task_exports_a_file_its_trainer_reads(db, tmp_path):
     from rlhfkit.data.formats import load_records
 
-    store.create_project(db, "rank", "ranking", 2, [{"prompt": P("q"), "responses": ["a", "b", "c"]}])
-    store.create_project(db, "rate", "likert", 2, [{"prompt": P("q"), "responses": ["a"]}])
-    store.create_project(db, "step", "steps", 2, [{"prompt": P("q"), "responses": ["s1", "s2"]}])
-    store.create_project(db, "crit", "critique", 2, [{"prompt": P("q"), "responses": ["a"]}])
+    store.create_project(db, "rank", "ranking", 2, [{"prompt": chat("q"), "responses": ["a", "b", "c"]}])
+    store.create_project(db, "rate", "likert", 2, [{"prompt": chat("q"), "responses": ["a"]}])
+    store.create_project(db, "step", "steps", 2, [{"prompt": chat("q"), "responses": ["s1", "s2"]}])
+    store.create_project(db, "crit", "critique", 2, [{"prompt": chat("q"), "responses": ["a"]}])
     ann = users(db, 2)
     judge_all(db, "rank", ann, lambda u, it: {"ranks": [sorted(it["responses"]).index(x) + 1 for x in it["responses"]]})
     judge_all(db, "rate", ann, lambda u, it: {"rating": 6 if u.name == "u0" else 4, "flags": ["hallucination"]})
