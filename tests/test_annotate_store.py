@@ -335,3 +335,35 @@ def test_create_samples_k_responses_per_prompt_from_a_policy(tmp_path, capsys):
     db = open_db(f"sqlite:///{tmp_path / 'ann' / 'annotate.db'}")
     with db() as s:
         assert all(len(i.responses) == 3 for i in s.query(Item))
+
+
+def test_gold_from_a_labelled_file_export_and_disable_through_the_cli(tmp_path, capsys):
+    from rlhfkit.cli import main
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}
+                                                  for i in range(4)])
+    gold = write_jsonl(tmp_path / "gold.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
+    folder = str(tmp_path / "ann")
+    main(["annotate", "create", "--dir", folder, "--project", "g", "--train", str(data), "--gold", str(gold),
+          "--gold-rate", "0.5", "--overlap", "1", "--strength", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["gold"] == 1
+    db = open_db(f"sqlite:///{tmp_path / 'ann' / 'annotate.db'}")
+    token = store.add_user(db, "ann")
+    user = store.user_for_token(db, token)
+    shown = []
+    while (item := store.next_item(db, "g", user)) is not None:
+        shown.append(item["prompt"][0]["content"])
+        store.submit(db, "g", user, item["item"], {"preference": -1})
+    assert shown[1] == "2+2?" and len(shown) == 5  # gold second (rate 0.5), then the rest
+    with db() as s:
+        (g,) = [i for i in s.query(Item) if i.is_gold]
+        assert g.gold == {"winner": "a"} and g.responses == ["4", "5"]
+    main(["annotate", "export", "--dir", folder, "--project", "g"])
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["rows"], stats["gold_items_left_out"], stats["judgements"]) == (4, 1, 5)
+    assert (tmp_path / "ann" / "export" / "g" / "preferences.jsonl").exists()
+    main(["annotate", "users", "disable", "ann", "--dir", folder])
+    assert store.user_for_token(db, token) is None
+    with pytest.raises(SystemExit):
+        main(["annotate", "users", "disable", "nobody", "--dir", folder])
+    assert "no user named 'nobody'" in capsys.readouterr().err
