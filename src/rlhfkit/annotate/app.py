@@ -34,6 +34,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from starlette_csrf import CSRFMiddleware
 
 from rlhfkit.annotate import store
+from rlhfkit.annotate.agreement import agreement, summary_lines
 from rlhfkit.annotate.db import User, setting
 from rlhfkit.annotate.export import TRAINING_FILE, export
 from rlhfkit.annotate.tasks import TASKS, AnswerError, pairwise_labels
@@ -211,7 +212,9 @@ def create_app(db: sessionmaker, secure_cookies: bool = False, max_body_mb: floa
 
     @app.get("/admin/p/{name}", response_class=HTMLResponse)
     def admin_project_page(request: Request, name: str, user: Admin):
-        return page(request, "admin_project.html", user=user, stats=store.progress(db, name))
+        stats = store.progress(db, name)
+        return page(request, "admin_project.html", user=user, stats=stats,
+                    agreement=summary_lines(agreement(db, name)))
 
     # ---------------------------------------------------------------- API: annotators
     @app.get("/api/health")
@@ -265,7 +268,7 @@ def create_app(db: sessionmaker, secure_cookies: bool = False, max_body_mb: floa
 
     @app.get("/api/admin/projects/{name}/stats")
     def admin_stats(name: str, user: Admin):
-        return store.progress(db, name)
+        return {**store.progress(db, name), "agreement": agreement(db, name)}
 
     @app.get("/api/admin/projects/{name}/export/{what}")
     def admin_export(name: str, what: str, user: Admin, min_votes: int | None = None):

@@ -32,6 +32,10 @@ try:  # the annotate extra: the database
     from rlhfkit.annotate.export import export
 except ImportError:  # pragma: no cover - exercised only without the extra
     store = None
+try:  # the annotate extra: the statistics
+    from rlhfkit.annotate.agreement import agreement, summary_lines
+except ImportError:  # pragma: no cover
+    agreement = None
 try:  # the annotate extra: the web app
     import uvicorn
 
@@ -322,6 +326,9 @@ class AnnotateExportConfig(AnnotateArgs):
     """Folder to write (default: <dir>/export/<project>)."""
     min_votes: int = 0
     """Items with fewer judgements are left out (0: the project's overlap)."""
+    drop_below_gold: bool = False
+    """Leave out every judgement of the annotators whose agreement with the gold items is below the
+    project's min_gold_agreement (the count removed is reported)."""
 
     def resolve(self) -> AnnotateExportConfig:
         if not self.project:
@@ -332,14 +339,24 @@ class AnnotateExportConfig(AnnotateArgs):
 def run_export(cfg: AnnotateExportConfig) -> dict:
     cfg.resolve()
     out = cfg.output or str(Path(cfg.dir) / "export" / cfg.project)
-    stats = wrap(export, cfg.open(), cfg.project, out, cfg.min_votes or None)
+    db = cfg.open()
+    drop = set()
+    if cfg.drop_below_gold:
+        if agreement is None:
+            raise ConfigError("--drop-below-gold needs the annotate extra's statistics: pip install 'rlhfkit[annotate]'")
+        info = wrap(agreement, db, cfg.project)
+        drop = {c for c, g in info["agreement_with_gold"].items()
+                if g["score"] is not None and g["score"] < info["thresholds"]["min_gold_agreement"]}
+    stats = wrap(export, db, cfg.project, out, cfg.min_votes or None, drop)
     print(json.dumps(stats))
     return stats
 
 
 @dataclass
 class StatsConfig(AnnotateArgs):
-    """Progress of a project: items complete, judgements per annotator, skips, flags, time per judgement."""
+    """Progress and agreement of a project: items complete, judgements per annotator, skips, flags, time
+    per judgement; percent agreement, Cohen's and Fleiss' κ, Krippendorff's α, Kendall's τ, each
+    annotator against the majority and gold, position and length bias."""
 
     project: str = ""
     """The project."""
@@ -354,7 +371,11 @@ class StatsConfig(AnnotateArgs):
 
 def run_stats(cfg: StatsConfig) -> dict:
     cfg.resolve()
-    stats = wrap(store.progress, cfg.open(), cfg.project)
+    if agreement is None:
+        raise ConfigError("annotate stats needs the annotate extra (scipy, scikit-learn, statsmodels, krippendorff): "
+                          "pip install 'rlhfkit[annotate]'")
+    db = cfg.open()
+    stats = {**wrap(store.progress, db, cfg.project), "agreement": wrap(agreement, db, cfg.project)}
     if cfg.json:
         print(json.dumps(stats, indent=1))
         return stats
@@ -365,4 +386,7 @@ def run_stats(cfg: StatsConfig) -> dict:
         med = "-" if a["median_seconds"] is None else f"{a['median_seconds']:.1f}"
         print(f"{name:<20} {a['judgements']:>7} {a['gold']:>5} {a['skipped']:>8} {a['flagged']:>8} {a['open']:>5} "
               f"{med:>9}")
+    for line in summary_lines(stats["agreement"]):
+        print(line)
     return stats
+

@@ -86,8 +86,10 @@ def consensus_steps(prompt: list, steps: list[str], values: list[dict], stop_at_
     return {"prompt": prompt, "steps": steps, "labels": labels, "votes": len(values)}
 
 
-def export(db: sessionmaker, name: str, out: str | Path, min_votes: int | None = None) -> dict:
-    """Write the project's training file and ``events.jsonl`` into ``out``; the counts."""
+def export(db: sessionmaker, name: str, out: str | Path, min_votes: int | None = None,
+           drop: set[str] = frozenset()) -> dict:
+    """Write the project's training file and ``events.jsonl`` into ``out``; the counts. The judgements
+    of the annotators in ``drop`` are left out of both (and counted)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with db() as s:
@@ -97,6 +99,8 @@ def export(db: sessionmaker, name: str, out: str | Path, min_votes: int | None =
         items = {i.id: i for i in s.scalars(select(Item).where(Item.project_id == p.id).order_by(Item.position))}
         by_item: dict[int, list[Judgement]] = defaultdict(list)
         judgements = list(s.scalars(select(Judgement).where(Judgement.project_id == p.id).order_by(Judgement.id)))
+        kept = [j for j in judgements if users[j.user_id] not in drop]
+        dropped, judgements = len(judgements) - len(kept), kept
         for j in judgements:
             by_item[j.item_id].append(j)
         closed = list(s.scalars(select(Assignment).where(Assignment.project_id == p.id,
@@ -146,4 +150,7 @@ def export(db: sessionmaker, name: str, out: str | Path, min_votes: int | None =
                                 "shown_at": a.created_at, "at": a.closed_at, "order": a.order,
                                 "reason": a.note}) + "\n")
     stats.update(events=len(judgements) + len(closed), judgements=len(judgements))
-    return {"project": p.name, "task": p.task, "file": str(path), "min_votes": need, **stats}
+    out = {"project": p.name, "task": p.task, "file": str(path), "min_votes": need, **stats}
+    if drop:
+        out.update(annotators_dropped=sorted(drop), judgements_dropped=dropped)
+    return out

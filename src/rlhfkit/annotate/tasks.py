@@ -74,7 +74,9 @@ DEFAULT_OPTIONS = {
     "steps": {"stop_at_first_wrong": False},
     "critique": {},
 }
-COMMON_OPTIONS = {"gold_rate": 0.0, "lease_minutes": 30.0}
+# gold_rate: share of an annotator's items that are gold; lease_minutes: how long a handed-out item is
+# reserved; min_*_agreement: below these an annotator is flagged by the agreement statistics.
+COMMON_OPTIONS = {"gold_rate": 0.0, "lease_minutes": 30.0, "min_majority_agreement": 0.5, "min_gold_agreement": 0.6}
 
 
 def options_for(task: str, given: dict | None = None) -> dict:
