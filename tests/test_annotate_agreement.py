@@ -153,7 +153,7 @@ def test_stats_and_an_export_without_the_annotators_below_gold_through_the_cli(d
     url = str(db.kw["bind"].url)
     main(["annotate", "stats", "--db", url, "--project", "p"])
     text = capsys.readouterr().out
-    assert "percent agreement 0.615" in text and "Fleiss' kappa 0.333 (4 items)" in text
+    assert "percent agreement 0.615 (95% interval" in text and "Fleiss' kappa 0.333 (4 items)" in text
     assert "Krippendorff's alpha (nominal) 0.291" in text and "FLAGGED y" in text
     main(["annotate", "export", "--db", url, "--project", "p", "--output", str(tmp_path / "all"), "--min-votes", "2"])
     full = json.loads(capsys.readouterr().out)

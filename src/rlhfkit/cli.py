@@ -13,7 +13,7 @@ import sys
 
 from rlhfkit import __version__
 from rlhfkit.config import parse
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import RlhfkitError, Waiting
 from rlhfkit.stages import STAGES
 
 
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"unknown stage '{' '.join(argv[:2])}'{hint}")
     try:
         run_stage(command, argv[len(command.split()):])
+    except Waiting as w:  # a stage that needs people: not an error
+        print(f"rlhfkit: {w}", file=sys.stderr)
     except RlhfkitError as e:
         if debug:
             raise

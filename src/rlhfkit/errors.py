@@ -23,3 +23,8 @@ class RemoteError(RlhfkitError, RuntimeError):
 
 class StoppedError(RlhfkitError, RuntimeError):
     """A run that stopped itself (a NaN loss): the message names the last good checkpoint."""
+
+
+class Waiting(Exception):
+    """Not an error: a stage that needs people (human feedback) stops until their judgements are in.
+    Its message says what is missing and how to go on; the command exits 0."""

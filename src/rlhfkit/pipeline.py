@@ -5,8 +5,9 @@ lays it out and as InstructGPT and Anthropic's iterated online RLHF run it::
     1. sft            optional: supervised fine-tuning; the result is the policy and the reference
     for each round r = 1..rounds, from the current policy:
     2. feedback       sample k responses per training prompt and label the pairs: a simulated
-                      annotator with a hidden utility, an AI judge, a rule or reward, or human
-                      labels read from a file
+                      annotator with a hidden utility, an AI judge, a rule or reward, human labels
+                      read from a file, or people in the annotation app (source: human): the
+                      pipeline stops as "waiting" until they are done, and --resume goes on
     3. rm             train a reward model on those pairs (and evaluate it on the pairs held out)
     4. rl             ppo / pg against the RM with a KL tether to the reference, or dpo on the pairs
                       directly, or best-of-n sampling with the best answers as an SFT set (bon)
@@ -37,7 +38,7 @@ from typing import Literal
 from rlhfkit.config import RunArgs, from_dict, print_config
 from rlhfkit.data import load_records
 from rlhfkit.data.split import split_records
-from rlhfkit.errors import ConfigError
+from rlhfkit.errors import ConfigError, Waiting
 from rlhfkit.eval.report import write_pipeline_report
 from rlhfkit.eval.reward import RMEvalConfig, evaluate, write
 from rlhfkit.run import Run
@@ -68,7 +69,10 @@ class PipelineConfig(RunArgs):
     """SFT stage fields (empty: no SFT stage), e.g. {train: demos.jsonl, lora_r: 16}."""
     feedback: dict = field(default_factory=dict)
     """Sampling and labelling fields (`rlhfkit label`), e.g. {labeler: simulated, utility: rule:u.yaml, k: 2};
-    or {file: prefs.jsonl} for human labels read from a file."""
+    {file: prefs.jsonl} for human labels read from a file; or {source: human, min_judgements: N, overlap: K,
+    ...} (`rlhfkit annotate collect`) for people judging the round's samples in the annotation app."""
+    wait: bool = False
+    """With human feedback: poll until the people are done, instead of stopping as waiting."""
     reward_model: dict = field(default_factory=dict)
     """Reward-model fields (`rlhfkit rm train`)."""
     rl: dict = field(default_factory=dict)
@@ -85,8 +89,14 @@ class PipelineConfig(RunArgs):
         if "file" in self.feedback and len(self.feedback) > 1:
             raise ConfigError(f"pipeline: feedback: with 'file' (human labels read from a file) no other field applies; "
                               f"got {', '.join(sorted(k for k in self.feedback if k != 'file'))}")
-        if self.algorithm in ("pg", "ppo", "bon") and "file" not in self.feedback and not self.feedback.get("labeler"):
-            raise ConfigError("pipeline: feedback: give a labeler (simulated, reward, judge) or a file of human labels")
+        source = self.feedback.get("source", "")
+        if source not in ("", "human"):
+            raise ConfigError(f"pipeline: feedback: source must be 'human' (people in the annotation app) or absent, "
+                              f"got {source!r}")
+        if (self.algorithm in ("pg", "ppo", "bon") and "file" not in self.feedback and not source
+                and not self.feedback.get("labeler")):
+            raise ConfigError("pipeline: feedback: give a labeler (simulated, reward, judge), a file of human labels, "
+                              "or source: human")
         return self
 
 
@@ -144,7 +154,8 @@ def plan(p: PipelineConfig, folder: Path, train: str, held: str) -> tuple[list[P
     base = p.model
     if p.sft:
         base = str(folder / add("sft", "sft", "sft", "sft", {"model": p.model}, p.sft).name / "final")
-    feedback = {k: v for k, v in p.feedback.items() if k != "file"}
+    feedback = {k: v for k, v in p.feedback.items() if k not in ("file", "source")}
+    human = p.feedback.get("source") == "human"
     utility = feedback.get("utility", "")
     gold = p.gold or utility
     policy = base
@@ -152,6 +163,11 @@ def plan(p: PipelineConfig, folder: Path, train: str, held: str) -> tuple[list[P
         # 2. feedback on the current policy's samples
         if "file" in p.feedback:
             prefs = p.feedback["file"]
+        elif human:  # people judge the round's samples in the annotation app; the pipeline waits for them
+            collect = add(f"r{r}-feedback", "human-feedback", "annotate collect", "feedback",
+                          {"model": policy, "train": train, "dir": str(folder / "annotations"),
+                           "project": f"{p.name}-r{r}", "wait": p.wait}, feedback)
+            prefs = str(folder / collect.name / "preferences.jsonl")
         else:
             label = add(f"r{r}-feedback", "label", "label", "feedback", {"model": policy, "train": train}, feedback)
             prefs = str(folder / label.name / "preferences.jsonl")
@@ -255,7 +271,15 @@ def run(cfg: PipelineConfig) -> Run:
     split_prompts(cfg, p.path / "prompts")
     result, policy = {}, cfg.model
     for planned in stages:
-        path = p.stage(planned)
+        try:
+            path = p.stage(planned)
+        except Waiting as w:  # human feedback: stop here until the people are done
+            p.stages.append({"name": planned.name, "stage": planned.kind, "path": planned.name, "status": "waiting"})
+            p.save()
+            p.run.update_manifest(status="waiting", waiting=planned.name)
+            write_pipeline_report(p.path, p.stages)
+            p.log(f"{planned.name}: {w}")
+            return p.run
         if planned.kind == "rm":
             evaluate_rm(path, planned.cfg)
         if planned.policy:

@@ -59,6 +59,8 @@ STAGES: dict[str, Stage] = {
                             "add, list, disable or enable annotators and admins", "run_users"),
     "annotate export": Stage("rlhfkit.annotate.commands", "AnnotateExportConfig",
                              "export judgements for rm train / dpo, and every annotator event", "run_export"),
+    "annotate collect": Stage("rlhfkit.annotate.collect", "CollectConfig",
+                              "human feedback as a stage: put samples to people, wait, export for the RM"),
     "annotate stats": Stage("rlhfkit.annotate.commands", "StatsConfig",
                             "progress of an annotation project, per annotator", "run_stats"),
     "export": Stage("rlhfkit.serve.export", "ExportConfig",

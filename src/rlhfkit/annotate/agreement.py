@@ -18,7 +18,8 @@ ranking     (item, response): rank                    Krippendorff's α ordinal;
 =========== ======================================== ===============================================
 
 * **Percent agreement**: of all pairs of annotators who judged the same unit, the share that gave the
-  same value (what InstructGPT reports: 72.6 ± 1.5 %).
+  same value (what InstructGPT reports: 72.6 ± 1.5 %), with a 95 % percentile-bootstrap interval
+  that resamples whole units (``scipy.stats.bootstrap``).
 * **Cohen's κ** (two annotators, the units both judged): (p_o − p_e) / (1 − p_e), p_e from each one's
   own label frequencies (``sklearn.metrics.cohen_kappa_score``).
 * **Fleiss' κ** (any number, the same number per unit): κ over the units judged by the most common
@@ -42,7 +43,7 @@ from collections import Counter, defaultdict
 
 import krippendorff
 import numpy as np
-from scipy.stats import binomtest, kendalltau
+from scipy.stats import binomtest, bootstrap, kendalltau
 from sklearn.metrics import cohen_kappa_score
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
@@ -74,6 +75,20 @@ def percent_agreement(units: Units) -> float | None:
             agree += a == b
             total += 1
     return agree / total if total else None
+
+
+def percent_agreement_ci(units: Units, confidence: float = 0.95, seed: int = 0) -> list[float] | None:
+    """A percentile bootstrap interval for :func:`percent_agreement`, resampling whole units (the pairs of
+    one unit are not independent of each other)."""
+    counts = [(sum(a == b for a, b in itertools.combinations(u.values(), 2)), len(u) * (len(u) - 1) // 2)
+              for u in units if len(u) >= 2]
+    if len(counts) < 2:
+        return None
+    agree, total = (np.array(x, dtype=float) for x in zip(*counts))
+    res = bootstrap((np.arange(len(counts)),), lambda idx: agree[idx].sum() / total[idx].sum(), vectorized=False,
+                    n_resamples=2000, confidence_level=confidence, method="percentile",
+                    rng=np.random.default_rng(seed))
+    return [_round(res.confidence_interval.low), _round(res.confidence_interval.high)]
 
 
 def cohen_pairs(units: Units, weights: str | None = None, min_units: int = 2) -> dict[str, float | None]:
@@ -247,6 +262,7 @@ def agreement(db: sessionmaker, name: str) -> dict:
         main = units["winner" if p.task == "pairwise" else "rating" if p.task == "likert" else "labels"]
         level = "nominal" if p.task == "pairwise" else "ordinal"
         out["percent_agreement"] = _round(percent_agreement(main))
+        out["percent_agreement_ci95"] = percent_agreement_ci(main)
         out["cohen_kappa"] = cohen_pairs(main, weights="linear" if p.task == "likert" else None)
         out["fleiss_kappa"], out["fleiss_units"] = fleiss(main)
         domain = {"pairwise": ["a", "b", "tie"], "likert": list(range(1, opts.get("scale", 7) + 1)),
@@ -298,7 +314,9 @@ def summary_lines(a: dict) -> list[str]:
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     lines = [f"agreement over {a['items_with_2_or_more']} items with 2 or more judgements:"]
     if "percent_agreement" in a:
-        lines.append(f"  percent agreement {fmt(a['percent_agreement'])}, Fleiss' kappa {fmt(a['fleiss_kappa'])} "
+        ci = a.get("percent_agreement_ci95") or [None, None]
+        lines.append(f"  percent agreement {fmt(a['percent_agreement'])} (95% interval {fmt(ci[0])} to {fmt(ci[1])}), "
+                     f"Fleiss' kappa {fmt(a['fleiss_kappa'])} "
                      f"({a['fleiss_units']} items)")
     for level, alpha in (a.get("krippendorff_alpha") or {}).items():
         lines.append(f"  Krippendorff's alpha ({level}) {fmt(alpha)}")

@@ -1,0 +1,88 @@
+"""The loop with people in it: a two-round pipeline whose feedback is human. It stops as waiting,
+simulated annotators judge over the HTTP API with a known noise level, the pipeline resumes, trains the
+reward model on the export and goes on to the second round, which waits for people again."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import yaml
+
+pytest.importorskip("sqlalchemy", reason="the annotate extra is not installed (pip install 'rlhfkit[annotate]')")
+httpx = pytest.importorskip("httpx", reason="httpx is not installed (pip install 'rlhfkit[dev]')")
+
+from conftest import ServerProcess  # noqa: E402
+from rlhfkit.annotate import store  # noqa: E402
+from rlhfkit.annotate.db import open_db  # noqa: E402
+from test_pipeline import pipeline_config, run_in_process, write_config  # noqa: E402
+
+NOISE = 0.2  # each simulated annotator picks the worse response with this probability
+
+
+def annotate(url: str, tokens: list[str], project: str, seed: int) -> int:
+    """Every annotator judges every item of ``project`` they are given. The better response is the
+    lexicographically smaller text (a hidden utility of the pair), chosen with probability 1 - NOISE."""
+    rng = random.Random(seed)
+    done = 0
+    for token in tokens:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+            while (item := c.post(f"/api/projects/{project}/next").json()["item"]) is not None:
+                left, right = item["responses"]
+                better_left = left <= right
+                pick_left = better_left if rng.random() >= NOISE else not better_left
+                r = c.post(f"/api/projects/{project}/items/{item['item']}/judgement",
+                           json={"preference": -1 if pick_left else 1})
+                assert r.status_code == 201, r.text
+                done += 1
+    return done
+
+
+def status(folder) -> dict:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return {s["name"]: s["status"] for s in manifest["stages"]} | {"pipeline": manifest["status"]}
+
+
+@pytest.mark.slow
+def test_a_two_round_pipeline_waits_for_people_and_trains_on_their_judgements(tmp_path):
+    cfg = pipeline_config(tmp_path, "runs", rounds=2, feedback={
+        "source": "human", "k": 2, "overlap": 3, "limit": 20, "max_new_tokens": 8, "batch_size": 10})
+    cfg["rl"]["max_steps"] = 4
+    path = write_config(tmp_path, cfg)
+    folder = tmp_path / "runs" / "pipe"
+
+    # 1. round 1's samples go to people: the pipeline stops as waiting
+    run_in_process(path)
+    assert status(folder) == {"r1-feedback": "waiting", "pipeline": "waiting"}
+    assert (folder / "report.html").exists()
+
+    db = open_db(f"sqlite:///{folder / 'annotations' / 'annotate.db'}")
+    tokens = [store.add_user(db, f"ann{i}") for i in range(3)]
+    admin = store.add_user(db, "admin", "admin")
+    server = ServerProcess(["annotate", "serve", "--dir", str(folder / "annotations")], "/api/health", token=admin)
+    try:
+        assert annotate(server.url, tokens, "pipe-r1", seed=1) == 60  # 20 items x 3 annotators
+
+        # 2. resumed: export, reward model, RL and evaluation of round 1; round 2 waits for people
+        run_in_process(path)
+        got = status(folder)
+        assert got == {"r1-feedback": "finished", "r1-rm": "finished", "r1-pg": "finished", "r1-eval": "finished",
+                       "r2-feedback": "waiting", "pipeline": "waiting"}, got
+        prefs = (folder / "r1-feedback" / "preferences.jsonl").read_text().splitlines()
+        rm = json.loads((folder / "r1-rm" / "manifest.json").read_text())
+        assert len(prefs) == 20 and rm["data"]["train_groups"] + rm["data"]["eval_groups"] == 20
+        # two annotators agree when both are right or both wrong: (1 - NOISE)^2 + NOISE^2 = 0.68
+        stats = json.loads((folder / "r1-feedback" / "agreement.json").read_text())
+        low, high = stats["percent_agreement_ci95"]
+        assert low <= (1 - NOISE) ** 2 + NOISE ** 2 <= high, stats
+        # round 2 samples the improved policy
+        assert yaml.safe_load((folder / "r2-feedback" / "config.yaml").read_text())["model"].endswith("r1-pg/final")
+        assert annotate(server.url, tokens, "pipe-r2", seed=2) == 60
+
+        # 3. resumed again: round 2 completes
+        run_in_process(path)
+        got = status(folder)
+        assert got["pipeline"] == "finished" and got["r2-rm"] == "finished" and got["r2-eval"] == "finished", got
+    finally:
+        server.kill()
