@@ -86,3 +86,27 @@ def test_a_two_round_pipeline_waits_for_people_and_trains_on_their_judgements(tm
         assert got["pipeline"] == "finished" and got["r2-rm"] == "finished" and got["r2-eval"] == "finished", got
     finally:
         server.kill()
+
+
+def test_the_pipeline_plans_human_feedback_and_a_blind_human_evaluation(tmp_path):
+    """feedback: {source: human} makes each round's feedback an `annotate collect` stage into its own
+    project; evaluate: {human: {...}} adds an `annotate ab` stage on the last round's evaluation."""
+    from rlhfkit.config import from_dict
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.pipeline import PipelineConfig, plan
+
+    cfg = pipeline_config(tmp_path, "runs", rounds=2, feedback={"source": "human", "k": 3, "overlap": 2},
+                          evaluate={"eval_prompts": 5, "human": {"overlap": 2, "min_judgements": 4}})
+    p = from_dict(PipelineConfig, cfg).resolve()
+    folder = tmp_path / "runs" / "pipe"
+    stages, _ = plan(p, folder, "train.jsonl", "held.jsonl")
+    by_name = {s.name: s for s in stages}
+    assert [s.name for s in stages] == ["r1-feedback", "r1-rm", "r1-pg", "r1-eval", "r2-feedback", "r2-rm", "r2-pg",
+                                        "r2-eval", "r2-human-eval"]
+    assert by_name["r2-feedback"].command == "annotate collect" and by_name["r2-feedback"].cfg.project == "pipe-r2"
+    assert by_name["r2-feedback"].cfg.model == str(folder / "r1-pg" / "final")
+    assert by_name["r1-rm"].cfg.train == str(folder / "r1-feedback" / "preferences.jsonl")
+    ab = by_name["r2-human-eval"].cfg
+    assert (ab.eval_run, ab.overlap, ab.min_judgements) == (str(folder / "r2-eval"), 2, 4)
+    with pytest.raises(ConfigError, match="source must be 'human'"):
+        from_dict(PipelineConfig, {**cfg, "feedback": {"source": "crowd"}}).resolve()

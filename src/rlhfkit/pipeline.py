@@ -79,7 +79,8 @@ class PipelineConfig(RunArgs):
     """Fields of the RL stage (`rlhfkit pg|ppo|dpo|bon`); for bon, rl.sft holds the fields of the SFT on
     the best answers."""
     evaluate: dict = field(default_factory=dict)
-    """Fields of `rlhfkit eval policy` (eval_prompts, judge_model, ...)."""
+    """Fields of `rlhfkit eval policy` (eval_prompts, judge_model, ...); evaluate.human ({} or fields of
+    `rlhfkit annotate ab`) adds a blind human A/B evaluation of the final policy."""
     name: str = "pipeline"
     """Pipeline name: its folder is <output-dir>/<name>."""
 
@@ -194,8 +195,14 @@ def plan(p: PipelineConfig, folder: Path, train: str, held: str) -> tuple[list[P
         policy = str(folder / rl.name / "final")
         # 5. evaluation on the held-out prompts: proxy, gold, KL, win rates, samples
         shared = {k: v for k, v in p.rl.items() if k in ("max_new_tokens", "temperature", "mixed_precision", "max_length")}
-        add(f"r{r}-eval", "eval-policy", "eval policy", "evaluate",
-            {"model": policy, "reference": base, "eval": held, "reward": rm, "gold": gold, **shared}, p.evaluate)
+        evaluation = add(f"r{r}-eval", "eval-policy", "eval policy", "evaluate",
+                         {"model": policy, "reference": base, "eval": held, "reward": rm, "gold": gold, **shared},
+                         {k: v for k, v in p.evaluate.items() if k != "human"})
+    # 6. optional: people compare the final policy with the reference, blind (annotate ab)
+    if "human" in p.evaluate:
+        add(f"r{p.rounds}-human-eval", "human-eval", "annotate ab", "evaluate.human",
+            {"eval_run": str(folder / evaluation.name), "dir": str(folder / "annotations"), "project": f"{p.name}-ab",
+             "wait": p.wait}, p.evaluate["human"] or {})
     return stages, notes
 
 

@@ -61,6 +61,8 @@ STAGES: dict[str, Stage] = {
                              "export judgements for rm train / dpo, and every annotator event", "run_export"),
     "annotate collect": Stage("rlhfkit.annotate.collect", "CollectConfig",
                               "human feedback as a stage: put samples to people, wait, export for the RM"),
+    "annotate ab": Stage("rlhfkit.annotate.ab", "ABConfig",
+                         "blind human A/B evaluation of a policy against its reference (from an eval policy run)"),
     "annotate stats": Stage("rlhfkit.annotate.commands", "StatsConfig",
                             "progress of an annotation project, per annotator", "run_stats"),
     "export": Stage("rlhfkit.serve.export", "ExportConfig",

@@ -80,6 +80,24 @@ def instructions(cfg: CollectConfig, project: str, missing: int, total: int) -> 
             f"then run the same command again (rlhfkit pipeline ... --resume), or pass --wait to poll.")
 
 
+def wait_for_people(cfg, db, project: str, run: Run) -> dict:
+    """Return once ``cfg.min_judgements`` items (0: all) of ``project`` are complete. Otherwise the run is
+    marked waiting and :class:`Waiting` says what is missing, or, with ``cfg.wait``, it polls."""
+    while True:
+        progress = store.progress(db, project)
+        need = cfg.min_judgements or progress["items"]
+        missing = max(0, need - progress["complete"])
+        if not missing:
+            return progress
+        message = instructions(cfg, project, missing, need)
+        run.update_manifest(status="waiting", waiting={"project": project, "complete": progress["complete"],
+                                                       "needed": need})
+        if not cfg.wait:
+            raise Waiting(message)
+        print(message, file=sys.stderr, flush=True)
+        time.sleep(cfg.poll_seconds)
+
+
 def run(cfg: CollectConfig) -> Run:
     cfg.resolve()
     print_config(cfg)
@@ -93,19 +111,7 @@ def run(cfg: CollectConfig) -> Run:
         wrap(store.create_project, db, project, "pairwise", cfg.overlap, items, (), guidelines,
              {"strength": cfg.strength, "reason": True})
         run.update_manifest(project={"name": project, "items": len(items), "left_out": left})
-    while True:
-        progress = store.progress(db, project)
-        need = cfg.min_judgements or progress["items"]
-        missing = max(0, need - progress["complete"])
-        if not missing:
-            break
-        message = instructions(cfg, project, missing, need)
-        run.update_manifest(status="waiting", waiting={"project": project, "complete": progress["complete"],
-                                                       "needed": need})
-        if not cfg.wait:
-            raise Waiting(message)
-        print(message, file=sys.stderr, flush=True)
-        time.sleep(cfg.poll_seconds)
+    wait_for_people(cfg, db, project, run)
     exported = export(db, project, run.path)
     stats = agreement(db, project)
     (run.path / "agreement.json").write_text(json.dumps(stats, indent=1))

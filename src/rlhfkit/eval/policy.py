@@ -102,6 +102,9 @@ def compare_policies(engine: RolloutEngine, ref_engine: RolloutEngine, policy, r
     result["samples"] = [{"prompt": r.prompt[-1]["content"], "policy": p, "reference": q,
                           **{f"{name}_{side}": scores[name][side][i] for name in rewards for side in ("policy", "reference")}}
                          for i, (r, p, q) in enumerate(zip(held.records, texts["policy"], texts["reference"]))]
+    if judge is not None:  # each prompt's verdict, for comparing the judge with people (annotate ab)
+        for sample, verdict in zip(result["samples"], out["results"]):
+            sample["judge"] = {"x": "policy", "y": "reference"}.get(verdict, verdict)
     return result
 
 

@@ -147,6 +147,46 @@ def section_heldout(result: dict | None) -> str:
             f"<table>{head}{body}</table>{judge}{stats}")
 
 
+def section_agreement(stats: dict | None, title: str = "Agreement between people") -> str:
+    """Agreement statistics of an annotation project (``agreement.json`` of human feedback, or the people
+    of a human A/B evaluation)."""
+    if not stats:
+        return ""
+    rows = []
+    if stats.get("percent_agreement") is not None:
+        ci = stats.get("percent_agreement_ci95") or [None, None]
+        rows.append(("percent agreement", f"{fmt(stats['percent_agreement'], 3)} (95% interval {fmt(ci[0], 3)} to "
+                                          f"{fmt(ci[1], 3)})"))
+    if stats.get("fleiss_kappa") is not None:
+        rows.append(("Fleiss' kappa", fmt(stats["fleiss_kappa"], 3)))
+    for level, alpha in (stats.get("krippendorff_alpha") or {}).items():
+        rows.append((f"Krippendorff's alpha ({level})", fmt(alpha, 3)))
+    for key, what in (("position_bias_left_wins", "left response wins"), ("length_bias_longer_wins",
+                                                                          "longer response wins")):
+        b = stats.get(key)
+        if b and b.get("n"):
+            rows.append((what, f"{fmt(b['share'], 3)} of {b['n']} (binomial p {fmt(b['p_value'], 3)})"))
+    for name, why in (stats.get("flagged_annotators") or {}).items():
+        rows.append((f"flagged: {name}", "; ".join(why)))
+    body = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in rows)
+    return f"<h2>{esc(title)}</h2><table>{body}</table>"
+
+
+def section_human(result: dict | None) -> str:
+    """The blind human A/B evaluation (``annotate ab``) of a policy against its reference."""
+    h = (result or {}).get("human")
+    if not h:
+        return ""
+    ci = h.get("win_rate_ci95") or [None, None]
+    vs = "".join(f"<tr><td>people's majority vs {esc(name)}</td><td>{fmt(x['agreement'], 3)} over {x['items']} items"
+                 f"</td></tr>" for name, x in h.get("people_vs", {}).items())
+    return (f"<h2>Human evaluation (blind A/B)</h2><p>{h['items']} held-out prompts, {h['judgements']} judgements; "
+            f"the two answers in random order, unlabelled. Policy win rate (ties count half): "
+            f"<b>{fmt(h['win_rate'], 3)}</b> (95% interval {fmt(ci[0], 3)} to {fmt(ci[1], 3)}); the policy's answer "
+            f"was shown on the left in {fmt(h['policy_shown_left'], 3)} of the judgements.</p>"
+            f"<table>{vs}</table>" + section_agreement(h.get("people"), "Agreement between the people"))
+
+
 def section_samples(result: dict | None, n: int = 12) -> str:
     if not result or not result.get("samples"):
         return ""
@@ -233,7 +273,9 @@ def run_sections(run_dir: Path, folder: Path, prefix: str = "") -> str:
         return body
     img = plot_series(rows, RL_PLOTS, folder, f"{prefix}curves.png", f"{run_dir.name}: training curves")
     front = plot_frontier(rows, held, folder, f"{prefix}frontier.png")
-    body += section_heldout(held)
+    body += section_heldout(held) + section_human(held)
+    if (run_dir / "agreement.json").is_file():  # human feedback: how far the people agreed
+        body += section_agreement(json.loads((run_dir / "agreement.json").read_text()))
     if img:
         body += f"<h2>Training curves</h2><img src='{rel}/{img}' alt='training curves'>"
     if front:
@@ -264,7 +306,7 @@ def write_pipeline_report(pipe_dir: Path, stages: list[dict]) -> Path:
             f"</tr>{table}</table>")
     for s in stages:
         run_dir = pipe_dir / s["path"]
-        if s["stage"] in ("rm", "ppo", "pg", "eval-policy", "dpo") and run_dir.is_dir():
+        if s["stage"] in ("rm", "ppo", "pg", "eval-policy", "dpo", "human-feedback") and run_dir.is_dir():
             body += f"<h2 style='border-top:2px solid #888;padding-top:.5em'>{esc(s['name'])}</h2>"
             body += run_sections(run_dir, folder, prefix=f"{s['name']}-")
     config = pipe_dir / "config.yaml"
