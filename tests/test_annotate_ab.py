@@ -104,3 +104,35 @@ def test_blind_human_ab_reports_a_win_rate_whose_interval_covers_the_truth(tmp_p
         shots.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(shots / "report-human-ab.png"), full_page=True)
         browser.close()
+
+
+def test_eval_policy_human_evaluates_once_then_waits_for_people_then_reports(tmp_path, capsys):
+    """`eval policy --human --name ev`: the evaluation, then a blind project of its answers, waiting; the
+    same command again does not evaluate again and, once people have judged, writes eval.json's human."""
+    from conftest import write_jsonl
+
+    prompts = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"Say something about {w}."} for w in "abcd"])
+    rule = tmp_path / "gold.yaml"
+    rule.write_text("max_words: 4\nname: gold\n")
+    args = ["eval", "policy", "--model", "tiny", "--reference", "tiny", "--eval", str(prompts), "--reward",
+            f"rule:{rule}", "--max-new-tokens", "6", "--output-dir", str(tmp_path / "runs"), "--name", "ev",
+            "--no-progress", "--human", "--human-overlap", "2"]
+    main(args)
+    assert "waiting for people" in capsys.readouterr().err
+    eval_json = tmp_path / "runs" / "ev" / "eval.json"
+    first = eval_json.stat().st_mtime_ns
+    db = open_db(f"sqlite:///{tmp_path / 'runs' / 'annotations' / 'annotate.db'}")
+    for name in ("a", "b"):
+        user = store.user_for_token(db, store.add_user(db, name))
+        while (item := store.next_item(db, "ev", user)) is not None:
+            store.submit(db, "ev", user, item["item"], {"preference": 0})  # identical models: ties
+    main(args)
+    err = capsys.readouterr().err
+    assert "the evaluation finished before" in err
+    human = json.loads(eval_json.read_text())["human"]
+    assert (human["items"], human["judgements"], human["win_rate"]) == (4, 8, 0.5)
+    assert eval_json.stat().st_mtime_ns > first and "Human evaluation (blind A/B)" in (eval_json.parent /
+                                                                                      "report.html").read_text()
+    with pytest.raises(SystemExit):
+        main([a for a in args if a not in ("--name", "ev")])
+    assert "--human needs --name" in capsys.readouterr().err

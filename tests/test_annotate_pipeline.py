@@ -110,3 +110,37 @@ def test_the_pipeline_plans_human_feedback_and_a_blind_human_evaluation(tmp_path
     assert (ab.eval_run, ab.overlap, ab.min_judgements) == (str(folder / "r2-eval"), 2, 4)
     with pytest.raises(ConfigError, match="source must be 'human'"):
         from_dict(PipelineConfig, {**cfg, "feedback": {"source": "crowd"}}).resolve()
+
+
+@pytest.mark.slow
+def test_collect_with_wait_polls_until_people_are_done(tmp_path):
+    """--wait: the stage polls instead of stopping, and finishes once the items are judged."""
+    import threading
+    import time
+
+    from conftest import write_jsonl
+    from rlhfkit.annotate.collect import CollectConfig
+    from rlhfkit.annotate.collect import run as collect
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Name a {w}."} for w in ("fruit", "tree", "bird")])
+    cfg = CollectConfig(train=str(prompts), model="tiny", k=2, overlap=1, max_new_tokens=4, wait=True,
+                        poll_seconds=0.2, dir=str(tmp_path / "ann"), output_dir=str(tmp_path / "runs"), name="fb",
+                        progress=False)
+    done = {}
+    worker = threading.Thread(target=lambda: done.setdefault("run", collect(cfg)))
+    worker.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "ann" / "annotate.db").exists():
+        time.sleep(0.1)
+    db = open_db(f"sqlite:///{tmp_path / 'ann' / 'annotate.db'}")
+    while time.time() < deadline and "fb" not in {p["name"] for p in store.list_projects(db)}:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert worker.is_alive()  # polling, not finished and not stopped
+    user = store.user_for_token(db, store.add_user(db, "ann"))
+    while (item := store.next_item(db, "fb", user)) is not None:
+        store.submit(db, "fb", user, item["item"], {"preference": 1})
+    worker.join(60)
+    assert not worker.is_alive()
+    manifest = json.loads((tmp_path / "runs" / "fb" / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["summary"]["pairs"] == 3

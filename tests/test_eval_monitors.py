@@ -146,7 +146,10 @@ def bundled_reward_features():
 
     records = load_records(str(shared("hh-rlhf/harmless-base-test.jsonl.gz")), kind="preference").records
     rm, tok = load_reward_model("smollm2-135m-instruct")
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16)  # as `rm train --mixed-precision bf16` fits it
+    from conftest import NATIVE_BF16
+
+    # as `rm train --mixed-precision bf16` fits it, where the CPU has native bf16 (fp32 elsewhere)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=NATIVE_BF16)
     prompts, responses, groups = ood_texts(records[:200])
     rest_p, rest_r, _ = ood_texts(records[1000:1075])
     with autocast:

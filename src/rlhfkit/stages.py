@@ -43,8 +43,10 @@ STAGES: dict[str, Stage] = {
                    "LLM-as-judge: pairwise (order-swapped) or single-answer grading"),
     "label": Stage("rlhfkit.feedback.label", "LabelConfig",
                    "AI feedback: sample responses and label them with a judge, RM or rule"),
-    "eval policy": Stage("rlhfkit.eval.policy", "EvalPolicyConfig",
-                         "evaluate a policy against its reference on held-out prompts"),
+    # eval policy, with --human the blind human A/B on its answers (the annotation app is a layer above eval)
+    "eval policy": Stage("rlhfkit.annotate.ab", "EvalPolicyHumanConfig",
+                         "evaluate a policy against its reference on held-out prompts (--human: and by people, blind)",
+                         "run_eval_policy"),
     "pipeline": Stage("rlhfkit.pipeline", "PipelineConfig",
                       "the whole loop from one config: feedback, RM, RL, eval, report"),
     "serve reward": Stage("rlhfkit.serve.reward", "ServeRewardConfig",

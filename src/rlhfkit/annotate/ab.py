@@ -1,5 +1,5 @@
-"""Blind human A/B evaluation (``rlhfkit annotate ab --eval-run RUN``; the pipeline's
-``evaluate: {human: {...}}``): the tuned policy's and the reference's answers to the held-out
+"""Blind human A/B evaluation (``rlhfkit eval policy --human``, ``rlhfkit annotate ab --eval-run RUN``
+on an evaluation that ran before, or the pipeline's ``evaluate: {human: {...}}``): the tuned policy's and the reference's answers to the held-out
 prompts of an ``eval policy`` run, side by side, for people to judge without being told which is which.
 
 The answers come from the evaluation run's ``eval.json`` (same prompts, same seeds). Each item holds
@@ -22,6 +22,7 @@ The result is written to the stage's ``human.json`` and into the evaluation run'
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from rlhfkit.annotate.commands import AnnotateArgs, wrap
 from rlhfkit.config import RunArgs, print_config
 from rlhfkit.data.formats import TIE, majority
 from rlhfkit.errors import ConfigError
+from rlhfkit.eval.policy import EvalPolicyConfig
+from rlhfkit.eval.policy import run as evaluate_policy
 from rlhfkit.eval.report import write_report
 from rlhfkit.run import Run
 
@@ -159,3 +162,51 @@ def run(cfg: ABConfig) -> Run:
           f"{human['win_rate']} (95% interval {ci[0]} to {ci[1]}); policy shown left {human['policy_shown_left']}")
     run.finish(win_rate=human["win_rate"], win_rate_ci95=human["win_rate_ci95"], items=human["items"])
     return run
+
+
+# ------------------------------------------------------------------ `rlhfkit eval policy --human`
+
+
+@dataclass
+class EvalPolicyHumanConfig(EvalPolicyConfig):
+    """Evaluate a policy against its reference on held-out prompts: reward, gold, KL, win rates,
+    length and diversity, a sample table; writes eval.json and report.html. With --human, people then
+    compare the same answers blind (see `rlhfkit annotate ab`)."""
+
+    human: bool = False
+    """Also put the policy's and the reference's answers to people, side by side in random order,
+    unlabelled; the stage waits for them (run the same command again, or pass --wait). Needs --name."""
+    human_dir: str = ""
+    """The annotation folder for --human (default: <output-dir>/annotations)."""
+    human_db: str = ""
+    """Or a database URL for --human (postgresql://...)."""
+    human_overlap: int = 3
+    """Annotators per prompt for --human."""
+    human_min_judgements: int = 0
+    """Complete prompts needed for --human (0: all)."""
+    wait: bool = False
+    """With --human: poll until the people are done, instead of stopping as waiting."""
+
+    def resolve(self) -> EvalPolicyHumanConfig:
+        super().resolve()
+        if self.human and not self.name:
+            raise ConfigError("eval policy --human needs --name (the same command, run again, then finds the "
+                              "evaluation and its annotation project)")
+        return self
+
+
+def run_eval_policy(cfg: EvalPolicyHumanConfig) -> Run:
+    """``rlhfkit eval policy``: the evaluation, then with --human the blind A/B on its answers. An
+    evaluation that finished before is not run again: only the people's part goes on."""
+    cfg.resolve()
+    if not cfg.human:
+        return evaluate_policy(cfg)
+    eval_dir = Path(cfg.output_dir) / cfg.name
+    if Run(eval_dir, "eval-policy").manifest().get("status") == "finished" and (eval_dir / "eval.json").is_file():
+        print(f"{eval_dir}: the evaluation finished before; going on with the people's judgements", file=sys.stderr)
+    else:
+        evaluate_policy(cfg)
+    return run(ABConfig(eval_run=str(eval_dir), output_dir=cfg.output_dir, name=f"{cfg.name}-human",
+                        seed=cfg.seed, progress=cfg.progress, dir=cfg.human_dir or str(Path(cfg.output_dir) / "annotations"),
+                        db=cfg.human_db, project=cfg.name, overlap=cfg.human_overlap,
+                        min_judgements=cfg.human_min_judgements, wait=cfg.wait))
