@@ -175,6 +175,7 @@ def test_admin_pages_and_an_annotator_kept_out_of_them(app, browser):
     page.goto(app["url"] + "/admin/p/pairs")
     page.screenshot(path=str(app["shots"] / "admin-project.png"))
     assert "Annotators" in page.inner_text("main") and "0 of 1 items complete; 1 judgements" in page.inner_text("main")
+    assert "Agreement" in page.inner_text("main") and "agreement over 0 items" in page.inner_text("main")
     page.close()
 
     page = open_page(browser, events)
