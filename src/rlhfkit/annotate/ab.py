@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhfkit.annotate.collect import wait_for_people
-from rlhfkit.annotate.commands import AnnotateArgs, wrap
+from rlhfkit.annotate.collect import PeopleArgs, wait_for_people
+from rlhfkit.annotate.commands import wrap
 from rlhfkit.config import RunArgs, print_config
 from rlhfkit.data.formats import TIE, majority
 from rlhfkit.errors import ConfigError
@@ -52,27 +52,11 @@ POLICY, REFERENCE = 0, 1  # the item's responses: [policy answer, reference answ
 
 
 @dataclass
-class ABConfig(RunArgs, AnnotateArgs):
+class ABConfig(RunArgs, PeopleArgs):
     """Blind human A/B evaluation of a tuned policy against its reference, from an `eval policy` run."""
 
     eval_run: str = ""
     """The `eval policy` run directory whose held-out answers people compare."""
-    project: str = ""
-    """The annotation project (default: the run's name)."""
-    overlap: int = 3
-    """Annotators per item."""
-    min_judgements: int = 0
-    """Complete items needed before the stage finishes (0: every item)."""
-    strength: int = 1
-    """The strength scale of the page (1: left / tie / right)."""
-    guidelines: str = ""
-    """A Markdown file shown above every item (say what to judge: helpfulness, safety, accuracy)."""
-    wait: bool = False
-    """Poll until the judgements are in, instead of stopping as waiting."""
-    poll_seconds: float = 10.0
-    """Seconds between polls with --wait."""
-    url: str = "http://127.0.0.1:8200"
-    """Where annotators reach the app (printed in the instructions)."""
 
     def resolve(self) -> ABConfig:
         if not self.eval_run:

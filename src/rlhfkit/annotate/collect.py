@@ -33,16 +33,11 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 
 
 @dataclass
-class CollectConfig(RunArgs, AnnotateArgs, DataArgs, SamplingArgs):
-    """Put the policy's samples to people as pairwise judgements and wait until enough are complete;
-    then export them for the reward model."""
+class PeopleArgs(AnnotateArgs):
+    """What a stage that waits for people needs: the project, how many judge each item, when it is done."""
 
-    model: str = "smollm2-135m-instruct"
-    """The policy whose samples people judge."""
     project: str = ""
     """The annotation project (default: the run's name)."""
-    k: int = 2
-    """Responses sampled per prompt; every pair of them is an item."""
     overlap: int = 3
     """Annotators per item."""
     min_judgements: int = 0
@@ -57,6 +52,17 @@ class CollectConfig(RunArgs, AnnotateArgs, DataArgs, SamplingArgs):
     """Seconds between polls with --wait."""
     url: str = "http://127.0.0.1:8200"
     """Where annotators reach the app (printed in the instructions)."""
+
+
+@dataclass
+class CollectConfig(RunArgs, PeopleArgs, DataArgs, SamplingArgs):
+    """Put the policy's samples to people as pairwise judgements and wait until enough are complete;
+    then export them for the reward model."""
+
+    model: str = "smollm2-135m-instruct"
+    """The policy whose samples people judge."""
+    k: int = 2
+    """Responses sampled per prompt; every pair of them is an item."""
     batch_size: int = 8
     """Prompts per sampling batch."""
 
