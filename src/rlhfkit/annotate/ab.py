@@ -39,11 +39,10 @@ from rlhfkit.eval.report import write_report
 from rlhfkit.run import Run
 
 try:  # the annotate extra
-    from scipy.stats import bootstrap
     from sqlalchemy import select
 
     from rlhfkit.annotate import store
-    from rlhfkit.annotate.agreement import agreement
+    from rlhfkit.annotate.agreement import agreement, bootstrap_interval
     from rlhfkit.annotate.db import Item, Judgement
 except ImportError:  # pragma: no cover - exercised only without the extra
     store = None
@@ -65,12 +64,11 @@ class ABConfig(RunArgs, PeopleArgs):
 
 
 def bootstrap_mean_ci(values: list[float], seed: int = 0) -> list[float] | None:
-    """95 % percentile-bootstrap interval of the mean."""
+    """95 % percentile-bootstrap interval of the mean (a point where every value is the same)."""
     if len(values) < 2 or len(set(values)) < 2:
         return [float(values[0])] * 2 if values else None
-    res = bootstrap((np.asarray(values, dtype=float),), np.mean, n_resamples=4000, confidence_level=0.95,
-                    method="percentile", rng=np.random.default_rng(seed))
-    return [round(float(res.confidence_interval.low), 6), round(float(res.confidence_interval.high), 6)]
+    v = np.asarray(values, dtype=float)
+    return bootstrap_interval(len(v), lambda idx: v[idx].mean(), n_resamples=4000, seed=seed)
 
 
 def preference(a: float, b: float) -> str:
@@ -123,7 +121,7 @@ def run(cfg: ABConfig) -> Run:
     run = Run.open(cfg, "human-eval", inputs={"eval": str(eval_dir / "eval.json")})
     project = cfg.project or run.path.name
     db = cfg.open()
-    if project not in {p["name"] for p in store.list_projects(db)}:
+    if not store.project_exists(db, project):
         items = [{"prompt": [{"role": "user", "content": s["prompt"]}], "responses": [s["policy"], s["reference"]],
                   "meta": {"sample": i}} for i, s in enumerate(samples)]
         guidelines = open(cfg.guidelines).read() if cfg.guidelines else (

@@ -77,6 +77,15 @@ def percent_agreement(units: Units) -> float | None:
     return agree / total if total else None
 
 
+def bootstrap_interval(n_units: int, statistic, n_resamples: int = 2000, confidence: float = 0.95,
+                       seed: int = 0) -> list[float]:
+    """A percentile-bootstrap interval of ``statistic(unit indices)``, resampling whole units
+    (``scipy.stats.bootstrap``)."""
+    res = bootstrap((np.arange(n_units),), statistic, vectorized=False, n_resamples=n_resamples,
+                    confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    return [_round(res.confidence_interval.low), _round(res.confidence_interval.high)]
+
+
 def percent_agreement_ci(units: Units, confidence: float = 0.95, seed: int = 0) -> list[float] | None:
     """A percentile bootstrap interval for :func:`percent_agreement`, resampling whole units (the pairs of
     one unit are not independent of each other)."""
@@ -85,10 +94,8 @@ def percent_agreement_ci(units: Units, confidence: float = 0.95, seed: int = 0) 
     if len(counts) < 2:
         return None
     agree, total = (np.array(x, dtype=float) for x in zip(*counts))
-    res = bootstrap((np.arange(len(counts)),), lambda idx: agree[idx].sum() / total[idx].sum(), vectorized=False,
-                    n_resamples=2000, confidence_level=confidence, method="percentile",
-                    rng=np.random.default_rng(seed))
-    return [_round(res.confidence_interval.low), _round(res.confidence_interval.high)]
+    return bootstrap_interval(len(counts), lambda idx: agree[idx].sum() / total[idx].sum(), confidence=confidence,
+                              seed=seed)
 
 
 def cohen_pairs(units: Units, weights: str | None = None, min_units: int = 2) -> dict[str, float | None]:

@@ -90,7 +90,7 @@ def wait_for_people(cfg, db, project: str, run: Run) -> dict:
     """Return once ``cfg.min_judgements`` items (0: all) of ``project`` are complete. Otherwise the run is
     marked waiting and :class:`Waiting` says what is missing, or, with ``cfg.wait``, it polls."""
     while True:
-        progress = store.progress(db, project)
+        progress = store.completion(db, project)
         need = cfg.min_judgements or progress["items"]
         missing = max(0, need - progress["complete"])
         if not missing:
@@ -110,8 +110,7 @@ def run(cfg: CollectConfig) -> Run:
     run = Run.open(cfg, "human-feedback", inputs={"train": cfg.train, "model": cfg.model})
     project = cfg.project or run.path.name
     db = cfg.open()
-    existing = {p["name"] for p in store.list_projects(db)}
-    if project not in existing:
+    if not store.project_exists(db, project):
         items, left = items_for("pairwise", sample_groups(cfg))
         guidelines = open(cfg.guidelines).read() if cfg.guidelines else ""
         wrap(store.create_project, db, project, "pairwise", cfg.overlap, items, (), guidelines,

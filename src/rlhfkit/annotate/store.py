@@ -162,6 +162,17 @@ def counts(s: Session, p: Project) -> dict:
     return {"items": items, "complete": complete, "judgements": judgements}
 
 
+def project_exists(db: sessionmaker, name: str) -> bool:
+    with db() as s:
+        return s.scalar(select(Project.id).where(Project.name == name)) is not None
+
+
+def completion(db: sessionmaker, name: str) -> dict:
+    """Items, complete items and judgements of a project (what a stage waiting for people polls)."""
+    with db() as s:
+        return counts(s, get_project(s, name))
+
+
 def project_info(db: sessionmaker, name: str) -> dict:
     with db() as s:
         p = get_project(s, name)
