@@ -18,7 +18,15 @@ from rlhfkit.losses.advantages import (
     whiten,
 )
 from rlhfkit.losses.kl import AdaptiveKL, FixedKL, best_of_n_kl, k1, k2, k3, kl_controller, kl_penalty
-from rlhfkit.losses.ppo import a2c_policy_loss, aggregate, aggregate_total, entropy, policy_loss, value_loss
+from rlhfkit.losses.ppo import (
+    a2c_policy_loss,
+    aggregate,
+    aggregate_total,
+    entropy,
+    policy_loss,
+    rollout_correction,
+    value_loss,
+)
 
 # ---------------------------------------------------------------------------------------------- KL
 
@@ -181,6 +189,29 @@ def test_policy_loss_ratio_one_and_clipping():
     # clip-higher: eps_high = 0.28 lets ratio 1.25 through for A > 0 (max(-2.5, -2.5))
     loss, _, clipped = policy_loss(torch.log(torch.tensor([1.25])), torch.zeros(1), torch.tensor([2.0]), 0.2, 0.28)
     assert loss.item() == pytest.approx(-2.5) and clipped.item() == 0.0
+
+
+def test_rollout_correction_by_hand():
+    """old logp [0, -1, -2, x], engine logp [0, -1.5, -1, x], last token padding: delta [0, 0.5, -1].
+    Token ratios [1, e^0.5 = 1.6487, e^-1 = 0.3679]; truncated at C = 1.5: [1, 1.5, 0.3679]; masked to
+    [1/1.5, 1.5]: [1, 0, 0]. Per sequence exp(-0.5) = 0.6065 on every token: kept by truncation, and by
+    the mask at C = 2 (>= 0.5) but not at C = 1.5 (< 0.667). Padding always weighs 0."""
+    old = torch.tensor([[0.0, -1.0, -2.0, -3.0]])
+    eng = torch.tensor([[0.0, -1.5, -1.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w, rho = rollout_correction(old, eng, mask, cap=1.5)
+    torch.testing.assert_close(rho, torch.tensor([[1.0, math.exp(0.5), math.exp(-1), 0.0]]))
+    torch.testing.assert_close(w, torch.tensor([[1.0, 1.5, math.exp(-1), 0.0]]))
+    w, _ = rollout_correction(old, eng, mask, cap=1.5, mode="mask")
+    torch.testing.assert_close(w, torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    seq = math.exp(-0.5)
+    w, _ = rollout_correction(old, eng, mask, cap=1.5, level="sequence")
+    torch.testing.assert_close(w, torch.tensor([[seq, seq, seq, 0.0]]))
+    assert rollout_correction(old, eng, mask, cap=1.5, level="sequence", mode="mask")[0].sum() == 0
+    w, _ = rollout_correction(old, eng, mask, cap=2.0, level="sequence", mode="mask")
+    torch.testing.assert_close(w, torch.tensor([[seq, seq, seq, 0.0]]))
+    w, rho = rollout_correction(old, old, mask)  # an exact engine changes nothing
+    assert torch.equal(w, mask) and torch.equal(rho, mask)
 
 
 def test_value_loss_keeps_the_larger_error():

@@ -18,7 +18,7 @@ from rlhfkit.rollout.rewards import (
     parse_reward,
     repetition_rate,
 )
-from rlhfkit.rollout.sampler import filter_logits, response_logprobs, sample
+from rlhfkit.rollout.sampler import draw, filter_logits, response_logprobs, sample
 
 PROMPTS = ["What is 2+2?", "Write one sentence about the sea and the wind at night.", "Hi"]
 
@@ -103,6 +103,64 @@ def test_bundled_model_sampler_matches_trainer(bundled):
     with torch.no_grad():
         lp = response_logprobs(model, ro, 0.7)
     torch.testing.assert_close(lp, ro.logprobs, atol=2e-4, rtol=0)
+
+
+def test_draw_samples_the_categorical_exactly():
+    """Inverse-CDF sampling: 200,000 draws from [0.5, 0.3, 0.2, 0] land within 4 standard errors of
+    each probability (SE = sqrt(p(1-p)/n) <= 0.0012), never on the zero-probability token, and the same
+    generator seed gives the same draws."""
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0]]).expand(200_000, 4)
+    tokens = draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    se = (probs[0] * (1 - probs[0]) / len(tokens)).sqrt()
+    assert ((freq - probs[0]).abs() <= 4 * se).all() and freq[3] == 0, freq
+    assert torch.equal(tokens[:100], draw(probs[:100], torch.Generator().manual_seed(0)))
+
+
+def test_shared_prompts_and_prefix_compute_what_each_prompt_alone_does(tiny):
+    """Rows that repeat a prompt (k samples) are prefilled once and the chat template's shared system
+    turn once for the batch: greedy continuations and logprobs still equal each prompt sampled alone."""
+    model, tok = tiny
+    ids = _ids(tok)
+    assert len({tuple(p[:8]) for p in ids}) == 1  # the template gives these prompts a shared prefix
+    rows = [ids[0], ids[1], ids[0], ids[2], ids[1]]
+    batch = sample(model, rows, tok.pad_token_id, tok.eos_token_id, max_new_tokens=8, temperature=0)
+    for i, p in enumerate(rows):
+        alone = sample(model, [p], tok.pad_token_id, tok.eos_token_id, max_new_tokens=8, temperature=0)
+        n = int(alone.response_mask.sum())
+        assert batch.response_ids[i, :n].tolist() == alone.response_ids[0, :n].tolist()
+        torch.testing.assert_close(batch.logprobs[i, :n], alone.logprobs[0, :n], atol=1e-5, rtol=0)
+
+
+def test_packed_cpu_kernels_follow_the_live_weights(tiny):
+    """The hf engine decodes through weights packed for oneDNN: its greedy tokens equal the plain
+    sampler's and its logprobs the trainer's (within 1e-4). After an optimiser step changes the weights
+    in place, the packed copies are remade: the engine samples from the new weights, not the old."""
+    from rlhfkit.rollout.engine import SamplingParams, make_engine
+
+    model, tok = tiny
+    engine = make_engine("hf", model, torch.device("cpu"))
+    params = SamplingParams(tok.pad_token_id, tok.eos_token_id, max_new_tokens=10, temperature=0)
+    before = engine.generate(_ids(tok), params)
+    assert engine.packed, "no weight was packed: the fast CPU path did not run"
+    plain = sample(model, _ids(tok), tok.pad_token_id, tok.eos_token_id, max_new_tokens=10, temperature=0)
+    assert torch.equal(before.response_ids, plain.response_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(response_logprobs(model, before, 1.0), before.logprobs, atol=1e-4, rtol=0)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+        model.train()
+        logits = model(input_ids=before.input_ids).logits
+        logits[..., 7].mean().neg().backward()  # push every position towards token 7
+        opt.step()
+        model.eval()
+        after = engine.generate(_ids(tok), params)
+        fresh = sample(model, _ids(tok), tok.pad_token_id, tok.eos_token_id, max_new_tokens=10, temperature=0)
+        assert not torch.equal(after.response_ids, before.response_ids)
+        assert torch.equal(after.response_ids, fresh.response_ids)
+    finally:
+        model.load_state_dict(saved)
 
 
 # ------------------------------------------------------------------------------------ rewards

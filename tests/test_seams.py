@@ -78,9 +78,10 @@ def test_reward_sources_share_one_interface(tmp_path):
     assert comp.score([[]] * 2, ["sure", "no"]) == [2.0, 0.0] and comp.last_ood is None
 
 
-def test_hf_engine_samples_exactly_what_the_sampler_does():
+def test_hf_engine_samples_what_the_sampler_does():
     """The hf engine is the KV-cache sampler behind the RolloutEngine interface: the same seed gives the
-    same tokens and logprobs; sync_weights is a no-op that leaves sampling unchanged."""
+    same tokens, and logprobs equal up to the packed CPU kernels' rounding; sync_weights is a no-op
+    that leaves sampling unchanged."""
     from rlhfkit.models import load_causal_lm
     from rlhfkit.rollout.engine import SamplingParams, make_engine
     from rlhfkit.rollout.sampler import sample
@@ -93,7 +94,8 @@ def test_hf_engine_samples_exactly_what_the_sampler_does():
     engine.sync_weights(model)
     b = sample(model, prompts, tok.pad_token_id, tok.eos_token_id, max_new_tokens=5, temperature=0.7,
                generator=torch.Generator().manual_seed(3))
-    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+    assert torch.equal(a.response_ids, b.response_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
     with pytest.raises(ConfigError, match="unknown engine 'nope'"):
         make_engine("nope", model)
 

@@ -1,5 +1,6 @@
-"""Policy-gradient losses: PPO's clipped surrogate, the clipped value loss, entropy, A2C, and how
-token losses are summed into one number (reference §3, §4).
+"""Policy-gradient losses: PPO's clipped surrogate, the clipped value loss, entropy, A2C, the
+importance weight for engine/trainer mismatch, and how token losses are summed into one number
+(reference §3, §4, §8 item 13).
 
 All per-token functions take (B, T) tensors and return (B, T); :func:`aggregate` turns them into
 a scalar. Its denominator is a count over the *whole optimiser step* (all micro-batches and
@@ -59,6 +60,38 @@ def a2c_policy_loss(logp: torch.Tensor, advantages: torch.Tensor) -> torch.Tenso
     return -advantages * logp
 
 
+
+
+def rollout_correction(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, cap: float = 2.0,
+                       level: str = "token", mode: str = "truncate") -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance weight for the mismatch between the rollout engine and the trainer, per token.
+
+    The engine samples a_t from its own numerics, pi_engine (another kernel, precision or weight copy:
+    vLLM), while the trainer's pi_old is recomputed teacher-forced. The samples are then off-policy
+    for pi_old, and the policy loss is reweighted by (truncated importance sampling; Ionides 2008;
+    Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training", TIS):
+
+        w_t = pi_old(a_t | s_t) / pi_engine(a_t | s_t) = exp(old_logp_t - engine_logp_t)
+        token:     rho_t = w_t
+        sequence:  rho_t = exp(sum_t' (old_logp_t' - engine_logp_t'))      for every t of the sequence
+        truncate:  weight_t = min(rho_t, C)                                   (TIS)
+        mask:      weight_t = rho_t if 1/C <= rho_t <= C else 0               (MIS / IcePop)
+
+    and L_t -> weight_t * L_t, with the weight a constant (no gradient). With an exact engine
+    rho = 1 and nothing changes. Returns (weight, rho), each (B, T) and 0 on padding."""
+    d = (old_logp - engine_logp).detach() * mask
+    if level == "sequence":
+        d = d.sum(-1, keepdim=True).expand_as(d)
+    elif level != "token":
+        raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
+    rho = torch.exp(d.clamp(-20.0, 20.0)) * mask
+    if mode == "truncate":
+        weight = rho.clamp(max=cap)
+    elif mode == "mask":
+        weight = torch.where((rho >= 1.0 / cap) & (rho <= cap), rho, torch.zeros_like(rho))
+    else:
+        raise ValueError(f"mode must be 'truncate' or 'mask', got {mode!r}")
+    return weight * mask, rho
 
 
 def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str, total: float | torch.Tensor) -> torch.Tensor:

@@ -61,12 +61,15 @@ class HFEngine(RolloutEngine):
     """The in-process engine: batched KV-cache sampling with the model itself (:func:`sample`).
 
     ``adapter_off=True`` samples from the model with its LoRA adapter switched off: the frozen
-    reference policy without a second copy of the weights."""
+    reference policy without a second copy of the weights. On the CPU the decoding steps use linear
+    weights packed for oneDNN (:class:`~rlhfkit.rollout.sampler.PackedLinear`), kept here between
+    calls and remade when training changes a weight; they cost one more copy of those weights."""
 
     name = "hf"
 
     def __init__(self, model, device: torch.device, adapter_off: bool = False):
         self.model, self.device, self.adapter_off = model, device, adapter_off
+        self.packed: dict = {}
 
     @torch.no_grad()
     def generate(self, prompts, params: SamplingParams, generator=None, on_token=None) -> Rollout:
@@ -74,7 +77,8 @@ class HFEngine(RolloutEngine):
         with ctx:
             return sample(self.model, prompts, params.pad_id, params.eos_id, max_new_tokens=params.max_new_tokens,
                           temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                          min_new_tokens=params.min_new_tokens, generator=generator, on_token=on_token)
+                          min_new_tokens=params.min_new_tokens, generator=generator, on_token=on_token,
+                          packed=self.packed)
 
     def sync_weights(self, policy) -> None:
         """Nothing to do: the engine samples from the live model."""

@@ -34,8 +34,10 @@ from rlhfkit.rollout.sampler import gather_logprobs, response_logits
 from rlhfkit.run import Run, progress
 from rlhfkit.train.common import backward, optimizer_step, stop_on_nonfinite
 from rlhfkit.train.rl import (
+    CorrectionArgs,
     KLArgs,
     end_step,
+    engine_correction,
     finish,
     logprob_phase,
     loss_total,
@@ -62,7 +64,7 @@ CURVES = ["score", "kl", "non_score_reward", "beta", "entropy", "approx_kl", "po
 
 
 @dataclass
-class PGConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, KLArgs, MonitorArgs):
+class PGConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, CorrectionArgs, KLArgs, MonitorArgs):
     """Critic-free policy gradient: REINFORCE, RLOO, GRPO or Dr. GRPO, with a KL tether to the reference."""
 
     estimator: Literal["reinforce", "rloo", "grpo", "dr_grpo"] = "rloo"
@@ -108,13 +110,14 @@ class PGConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, KLArgs, Mo
         return self
 
 
-def pg_loss(logits, tokens, old_logp, ref_logp, advantages, mask, cfg, beta: float, total):
-    """One micro-batch's loss: agg(PPO-clip with sequence advantages) [+ beta * agg(KL_t) with --kl-in loss]
-    [- entropy_coef * agg(H)]. Returns (loss, summed statistics)."""
+def pg_loss(logits, tokens, old_logp, ref_logp, advantages, is_weight, mask, cfg, beta: float, total):
+    """One micro-batch's loss: agg(is_weight * PPO-clip with sequence advantages) [+ beta * agg(KL_t)
+    with --kl-in loss] [- entropy_coef * agg(H)]. Returns (loss, summed statistics)."""
     mode = aggregation(cfg)
     logp = gather_logprobs(logits, tokens)
     adv = advantages[:, None].expand_as(logp)
     pg, ratio, clipped = policy_loss(logp, old_logp, adv, cfg.clip, None if cfg.clip_high < 0 else cfg.clip_high)
+    pg = is_weight * pg
     loss = aggregate(pg, mask, mode, total)
     stats = {"policy_loss": (pg * mask).sum(), "approx_kl": (0.5 * (logp - old_logp) ** 2 * mask).sum(),
              "policy_clipfrac": (clipped * mask).sum(), "ratio": (ratio * mask).sum(), "tokens": mask.sum()}
@@ -154,6 +157,8 @@ def run(cfg: PGConfig) -> Run:
                 t0 = time.perf_counter()
                 old_logp, ref_logp, _ = logprob_phase(inner, reference, ro, T, cfg.micro_batch_size)
                 t_logprobs = time.perf_counter() - t0
+            # the engine sampled from its own numerics: importance weights pi_old / pi_engine
+            is_weight, correction = engine_correction(cfg, ro, old_logp, mask)
 
             # 4. sequence rewards: R = score - beta * sum_t KL_t (KL in the reward), or the score alone
             beta = s.kl_ctl.beta
@@ -174,7 +179,7 @@ def run(cfg: PGConfig) -> Run:
                     with accelerator.accumulate(model):
                         logits = response_logits(model, sub, T)
                         loss, stats = pg_loss(logits, sub.response_ids, old_logp[i, :w], ref_logp[i, :w], advantages[i],
-                                              mask[i, :w], cfg, beta, total)
+                                              is_weight[i, :w], mask[i, :w], cfg, beta, total)
                         backward(accelerator, loss)
                     if not sums:  # pi = pi_old exactly here: the ratio must be 1 (reference §3 'Checks')
                         first_ratio = (stats["ratio"] / stats["tokens"].clamp(min=1)).item()
@@ -183,7 +188,7 @@ def run(cfg: PGConfig) -> Run:
             s.engine.sync_weights(inner)
 
             # 7. KL controller and logging
-            metrics = rollout_metrics(accelerator, batch, old_logp, ref_logp, mask, beta)
+            metrics = rollout_metrics(accelerator, batch, old_logp, ref_logp, mask, beta, correction)
             s.kl_ctl.update(metrics["kl"], cfg.batch_size * k)
             groups = seq_reward.view(-1, k)
             metrics.update(mean_stats(accelerator, sums), ratio_first_minibatch=first_ratio,

@@ -45,8 +45,10 @@ from rlhfkit.rollout.sampler import Rollout, gather_logprobs, response_logits, r
 from rlhfkit.run import Run, progress
 from rlhfkit.train.common import backward, optimizer_step, prepare_model, stop_on_nonfinite
 from rlhfkit.train.rl import (
+    CorrectionArgs,
     KLArgs,
     end_step,
+    engine_correction,
     explained_variance,
     finish,
     logprob_phase,
@@ -70,7 +72,7 @@ CURVES = ["score", "kl", "non_score_reward", "beta", "entropy", "approx_kl", "po
 
 
 @dataclass
-class PPOConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, KLArgs, MonitorArgs):
+class PPOConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, CorrectionArgs, KLArgs, MonitorArgs):
     """PPO actor-critic RLHF against a reward, with a per-token KL penalty to the reference."""
 
     preset: Literal["ppo", "a2c"] = "ppo"
@@ -156,15 +158,16 @@ def load_critic(cfg):
     return critic, spec
 
 
-def ppo_loss(logits, values, tokens, old_logp, old_values, advantages, returns, mask, cfg, total):
+def ppo_loss(logits, values, tokens, old_logp, old_values, advantages, returns, is_weight, mask, cfg, total):
     """The PPO objective of one micro-batch, and its statistics as sums.
 
-        L = agg(L_clip) + vf_coef * agg(L_V) - entropy_coef * agg(H)
+        L = agg(is_weight * L_clip) + vf_coef * agg(L_V) - entropy_coef * agg(H)
 
     ``total`` is the aggregation denominator over the whole minibatch (losses/ppo.py)."""
     logp = gather_logprobs(logits, tokens)
     clip_high = None if cfg.clip_high < 0 else cfg.clip_high
     pg, ratio, pg_clipped = policy_loss(logp, old_logp, advantages, cfg.clip, clip_high)
+    pg = is_weight * pg
     vf, vf_clipped = value_loss(values, old_values, returns, cfg.value_clip)
     ent = entropy(logits)
     mode = cfg.loss_aggregation
@@ -203,6 +206,8 @@ def run(cfg: PPOConfig) -> Run:
                 old_logp, ref_logp, old_values = logprob_phase(inner.policy, reference, ro, T, cfg.micro_batch_size,
                                                                inner.critic)
                 t_logprobs = time.perf_counter() - t0
+            # the engine sampled from its own numerics: importance weights pi_old / pi_engine
+            is_weight, correction = engine_correction(cfg, ro, old_logp, mask)
 
             # 4. rewards = score - beta * KL (per token; the score lands on the EOS token)
             kl = kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask
@@ -227,7 +232,7 @@ def run(cfg: PPOConfig) -> Run:
                     with accelerator.accumulate(model):
                         logits, values, lm_logits = model(sub, T, lm["batch"] if lm else None)
                         loss, stats = ppo_loss(logits, values, sub.response_ids, old_logp[i, :w], old_values[i, :w],
-                                               advantages[i, :w], returns[i, :w], mask[i, :w], cfg, total)
+                                               advantages[i, :w], returns[i, :w], is_weight[i, :w], mask[i, :w], cfg, total)
                         if lm is not None:  # PPO-ptx: the SFT loss on demonstrations, once per minibatch
                             ptx_loss = sft_loss(lm_logits, lm["batch"]["labels"], lm["tokens"] * world)
                             loss = loss + cfg.ptx_coef * ptx_loss
@@ -240,7 +245,7 @@ def run(cfg: PPOConfig) -> Run:
             s.engine.sync_weights(inner.policy)
 
             # 7. KL controller (on the mean summed k1 of the batch) and logging
-            metrics = rollout_metrics(accelerator, batch, old_logp, ref_logp, mask, s.kl_ctl.beta)
+            metrics = rollout_metrics(accelerator, batch, old_logp, ref_logp, mask, s.kl_ctl.beta, correction)
             s.kl_ctl.update(metrics["kl"], cfg.batch_size)
             metrics.update(mean_stats(accelerator, sums), ratio_first_minibatch=first_ratio,
                            explained_variance=explained_variance(old_values, returns, mask),

@@ -20,7 +20,7 @@ from rlhfkit.eval.policy import compare_policies, summary_line
 from rlhfkit.eval.report import plot_series, rows_of, write_report
 from rlhfkit.losses.advantages import masked_var
 from rlhfkit.losses.kl import kl_controller, kl_penalty
-from rlhfkit.losses.ppo import aggregate_total
+from rlhfkit.losses.ppo import aggregate_total, rollout_correction
 from rlhfkit.models import load_causal_lm
 from rlhfkit.rollout.engine import RolloutEngine, make_engine
 from rlhfkit.rollout.phase import Batch, Prompts, Reference, load_prompts, response_stats
@@ -51,6 +51,32 @@ class KLArgs:
     reference: str = ""
     """Reference policy ('': the policy's own starting weights, i.e. the base model with the LoRA adapter
     switched off, or a frozen copy); or another model, e.g. the SFT model when the policy starts elsewhere."""
+
+
+@dataclass
+class CorrectionArgs:
+    is_level: Literal["token", "sequence", "off"] = "token"
+    """Importance-sampling correction for the rollout engine's mismatch with the trainer: the policy
+    loss is weighted by pi_old / pi_engine per token or per sequence, or not at all (losses/ppo.py,
+    rollout_correction). It is 1 up to rounding with the hf engine."""
+    is_mode: Literal["truncate", "mask"] = "truncate"
+    """truncate: min(ratio, is_cap) (TIS); mask: drop tokens whose ratio leaves [1/is_cap, is_cap]."""
+    is_cap: float = 2.0
+    """C, the truncation (or masking) bound of the importance ratio."""
+
+
+def engine_correction(cfg, rollout: Rollout, old_logp: torch.Tensor, mask: torch.Tensor):
+    """The policy loss's importance weights for the engine's mismatch (the mask itself with
+    ``--is-level off``), and what is logged every step as sums over tokens: |delta logprob|, tokens whose
+    ratio pi_old / pi_engine leaves [0.8, 1.25], and tokens whose weight the cap or mask changed."""
+    level = "token" if cfg.is_level == "off" else cfg.is_level
+    weight, rho = rollout_correction(old_logp, rollout.logprobs, mask, cfg.is_cap, level, cfg.is_mode)
+    token_ratio = torch.exp((old_logp - rollout.logprobs).clamp(-20.0, 20.0))
+    stats = {"engine_logprob_diff": ((old_logp - rollout.logprobs).abs() * mask).sum(),
+             "engine_ratio_outside": (((token_ratio < 0.8) | (token_ratio > 1.25)) * mask).sum(),
+             "is_truncated": (((weight - rho).abs() > 1e-6) * mask).sum(),
+             "is_weight": (weight * mask).sum(), "tokens": mask.sum()}
+    return (mask if cfg.is_level == "off" else weight), stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,15 +242,16 @@ def loss_total(accelerator, mask: torch.Tensor, micro: list, mode: str) -> torch
     return accelerator.reduce(torch.tensor(aggregate_total([mask[i] for i in micro], mode, mask.shape[1])), "sum")
 
 
-def rollout_metrics(accelerator, batch: Batch, old_logp, ref_logp, mask, beta: float) -> dict:
+def rollout_metrics(accelerator, batch: Batch, old_logp, ref_logp, mask, beta: float, correction: dict) -> dict:
     """score, KL per sequence (k1 summed over tokens), the non-score reward -beta*KL, response length,
-    EOS rate, and how far the sampler's logprobs are from the trainer's (0 up to numerics)."""
+    EOS rate, and how far the engine's logprobs are from the trainer's: the largest difference
+    (0 up to numerics with the hf engine) and the token means of :func:`engine_correction`."""
     seq_kl = (kl_penalty(old_logp, ref_logp, "k1") * mask).sum(-1)
     mean = lambda x: accelerator.reduce(x.float().mean(), "mean").item()  # noqa: E731
     return {"score": mean(batch.raw_scores), "score_with_penalty": mean(batch.scores), "kl": mean(seq_kl),
             "non_score_reward": mean(-beta * seq_kl), "beta": beta,
             "logprob_mismatch": (batch.rollout.logprobs - old_logp).abs().mul(mask).max().item(),
-            **response_stats(batch.rollout)}
+            **mean_stats(accelerator, correction), **response_stats(batch.rollout)}
 
 
 def sum_stats(sums: dict, stats: dict) -> None:
