@@ -10,10 +10,14 @@ token (``generate`` through ``output_logits=True`` and a log-softmax of logits /
 runs in a child process, in its own environment where vLLM is not installed here (``make
 vllm-venv``), and its start-up is reported separately.
 
-The decode limit: every new token costs 2 FLOPs per weight of the linear layers and the LM head, and
-each decoding step reads those weights once; with this machine's measured matmul peak (a 1024^3
-product) and read bandwidth, the limit for B x N tokens after prompts of total length S is
-B N / max(2 W (S + B N) / peak, N * bytes(W) / bandwidth). Engines are reported as a fraction of it.
+The decode limit: the least work any engine must do, at this machine's measured matmul peak (a
+1024^3 product) and read bandwidth. Each of the B x N new tokens costs 2 FLOPs per weight of the
+linear layers and the LM head, and each decoding step reads those weights once. The prompts must be
+prefilled through the layers once per distinct token (their common prefix once, as the hf engine
+does), with the LM head at each prompt's last position only. With W = layer weights, H = LM-head
+weights and P = distinct prompt tokens, the limit is
+B N / max(2 (W (P + B N) + H B (N + 1)) / peak, N bytes(W + H) / bandwidth). Engines are reported as a
+fraction of it.
 
     .venv/bin/python bench/rollout.py                      # batch 32 and 128, 64 new tokens, fp32
     .venv/bin/python bench/rollout.py --batches 32 --repeats 2 --dtype bf16
@@ -68,10 +72,14 @@ def probe() -> dict:
 
 def decode_limit(model, prompts, new_tokens: int, machine: dict, bytes_per_weight: int) -> float:
     """Tokens/s the machine allows at best (see the module docstring)."""
-    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head = model.get_output_embeddings().weight.numel()
+    layers = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) - head
+    shared = len(os.path.commonprefix(prompts))
+    distinct = shared + sum(len(p) - shared for p in prompts)
     tokens = len(prompts) * new_tokens
-    compute = 2 * weights * (sum(map(len, prompts)) + tokens) / (machine["matmul_gflops"] * 1e9)
-    memory = new_tokens * weights * bytes_per_weight / (machine["read_gbps"] * 1e9)
+    flops = 2 * (layers * (distinct + tokens) + head * len(prompts) * (new_tokens + 1))
+    compute = flops / (machine["matmul_gflops"] * 1e9)
+    memory = new_tokens * (layers + head) * bytes_per_weight / (machine["read_gbps"] * 1e9)
     return tokens / max(compute, memory)
 
 

@@ -152,15 +152,20 @@ def prefill(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int):
     if shared:
         out = model(input_ids=torch.tensor([unique[0][:shared]], device=device), use_cache=True)
         cache = DynamicCache()
-        for layer, (keys, values) in enumerate(layer_kv(out.past_key_values)):
+        for layer, (keys, values) in enumerate(layer_kv(returned_cache(out))):
             cache.update(keys.expand(len(unique), -1, -1, -1), values.expand(len(unique), -1, -1, -1), layer)
         mask = torch.cat([torch.ones(len(unique), shared, dtype=mask.dtype, device=device), mask], 1)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, shared:], use_cache=True,
                 logits_to_keep=1, **{cache_keyword(model): cache})
     static = StaticCache(config=model.config, max_cache_len=mask.shape[1] + max_new_tokens)
-    for layer, (keys, values) in enumerate(layer_kv(out.past_key_values)):
+    for layer, (keys, values) in enumerate(layer_kv(returned_cache(out))):
         static.update(keys.index_select(0, inverse), values.index_select(0, inverse), layer)
     return static, out.logits[:, -1].index_select(0, inverse), mask.index_select(0, inverse)
+
+
+def returned_cache(out):
+    """The KV cache a forward returned: ``out.cache`` from transformers 5.24, ``past_key_values`` before."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
 
 
 def cache_keyword(model) -> str:

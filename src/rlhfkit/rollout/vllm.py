@@ -147,12 +147,15 @@ class VLLMEngine(RolloutEngine):
 
 
 def device_options(device: torch.device) -> dict:
-    """vLLM's memory settings: a share of the GPU's memory (the trainer's models share it), or on the
-    CPU a KV cache of VLLM_CPU_KVCACHE_SPACE GiB (1 unless set)."""
+    """vLLM's settings per device: a share of the GPU's memory (the trainer's models share it), or on
+    the CPU a KV cache of VLLM_CPU_KVCACHE_SPACE GiB (1 unless set) and no chunked prefill."""
     if device.type == "cuda":
         return {"gpu_memory_utilization": float(os.environ.get("RLHFKIT_VLLM_GPU_MEMORY", "0.3"))}
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    return {}
+    # vLLM 0.32 rewinds a seeded request's generator with set_offset when it discards the token sampled
+    # after a partial (chunked) prefill; a CPU generator has no offset, so a batch whose prompts exceed
+    # one step's token budget (2048) crashed. Whole-prompt prefills never discard.
+    return {"enable_chunked_prefill": False}
 
 
 def to_rollout(prompts: list[list[int]], outputs, pad_id: int, eos_id: int) -> Rollout:
