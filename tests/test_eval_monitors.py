@@ -173,15 +173,12 @@ def _chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if path := shutil.which(name):
             return path
-    pytest.skip("Chromium is not installed (Debian: apt-get install chromium; `make report-deps` does it)")
+    pytest.skip("Chromium is not installed (Debian: apt-get install chromium; `make test-deps` does it)")
 
 
-def test_report_renders_in_headless_chromium(tmp_path):
-    """A report with plots, held-out results and hostile model text: headless Chromium loads it from disk,
-    every image decodes (the page's own check reports 'broken: 0'), the screenshot is a real picture,
-    and the model text stays text (no script runs from it)."""
-    from rlhfkit.eval.report import write_report
-
+def rl_run_dir(tmp_path):
+    """A finished RL run directory: manifest, config, ten steps of metrics, a held-out comparison with
+    hostile model text, and an alarm."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "manifest.json").write_text(json.dumps({"stage": "pg", "status": "finished", "created": "now",
@@ -202,7 +199,32 @@ def test_report_renders_in_headless_chromium(tmp_path):
                          "reward_reference": 0.5, "gold_policy": 0.4, "gold_reference": 0.3}]}
     (run / "heldout.json").write_text(json.dumps(held))
     (run / "alarms.jsonl").write_text(json.dumps({"step": 7, "alarm": "KL spike"}) + "\n")
-    path = write_report(run)
+    return run
+
+
+def test_report_without_matplotlib_leaves_the_plots_out(tmp_path, monkeypatch):
+    """Without the plot extra (TRL's bench environment has none) an RL run's report is still written,
+    with its tables and no images, instead of the stage crashing at its very end."""
+    import sys
+
+    from rlhfkit.eval.report import write_report
+    from rlhfkit.train.rl import plot_curves
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    run = rl_run_dir(tmp_path)
+    page = write_report(run).read_text()
+    assert "<img" not in page and "Held-out" in page and "KL spike" in page
+    assert not plot_curves(run / "metrics.jsonl", run / "curves.png", ["score"])
+    assert not list((run / "report").iterdir())
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    """A report with plots, held-out results and hostile model text: headless Chromium loads it from disk,
+    every image decodes (the page's own check reports 'broken: 0'), the screenshot is a real picture,
+    and the model text stays text (no script runs from it)."""
+    from rlhfkit.eval.report import write_report
+
+    path = write_report(rl_run_dir(tmp_path))
     chromium = _chromium()
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--allow-file-access-from-files"]
     dom = subprocess.run([chromium, *flags, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)

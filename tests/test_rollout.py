@@ -178,6 +178,65 @@ def test_packed_cpu_kernels_follow_the_live_weights(tiny):
         model.load_state_dict(saved)
 
 
+def test_packed_groups_give_the_logits_of_separate_rows(tiny):
+    """The k samples of a prompt packed in one row (prompt once, responses side by side, each seeing only
+    the prompt and itself) give every response token the logits it gets in its own left-padded row, in
+    fp32 within 1e-5, and the same gradient: prompts of different lengths, responses that stop at EOS
+    at different lengths. Rows that do not come in groups sharing their prompt are refused."""
+    from rlhfkit.rollout.sampler import pack_groups, response_logits
+
+    model, tok = tiny
+    ids = _ids(tok)
+    rows = [ids[0]] * 3 + [ids[1]] * 3 + [ids[2]] * 3
+    ro = sample(model, rows, tok.pad_token_id, tok.eos_token_id, max_new_tokens=10, temperature=1.0,
+                generator=torch.Generator().manual_seed(1))
+    for i in range(len(rows)):  # responses that ended at different lengths (the tiny model rarely says EOS)
+        ro.response_mask[i, 3 + i % 7:] = 0
+        ro.response_ids[i, 3 + i % 7:] = tok.pad_token_id
+    lengths = ro.response_mask.sum(-1)
+    assert len(set(lengths.tolist())) > 1 and len({len(p) for p in ids}) == 3  # the test covers both
+    mask = ro.response_mask.bool()
+    a = response_logits(model, ro, 0.7)
+    b = response_logits(model, ro, 0.7, group=3)
+    torch.testing.assert_close(b[mask], a[mask], atol=1e-5, rtol=0)
+    ga = torch.autograd.grad((a.log_softmax(-1)[..., 5] * mask).sum(), model.lm_head.weight)[0]
+    gb = torch.autograd.grad((b.log_softmax(-1)[..., 5] * mask).sum(), model.lm_head.weight)[0]
+    torch.testing.assert_close(gb, ga, atol=1e-4, rtol=1e-4)
+    packed, _, _, _ = pack_groups(ro, 3)
+    assert packed.shape[0] == 3 and packed.shape[1] < ro.input_ids.numel() / 3  # the prompt once per group
+    with pytest.raises(ValueError, match="share their prompt"):
+        pack_groups(ro.select(torch.tensor([0, 3, 6, 1, 4, 7, 2, 5, 8])), 3)
+
+
+def test_onednn_linear_equals_f_linear_forward_and_backward(tiny):
+    """The CPU training kernels (oneDNN in place of MKL for every fp32 F.linear): the model's logits, the
+    input gradient and the weight and bias gradients equal plain PyTorch's within float rounding; under
+    bf16 autocast F.linear runs as it is."""
+    from rlhfkit.device import OneDNNLinear
+
+    x = torch.randn(2, 7, 48, requires_grad=True)
+    lin = torch.nn.Linear(48, 32)
+    ref = lin(x)
+    gx, gw, gb = torch.autograd.grad((ref * ref).sum(), (x, lin.weight, lin.bias))
+    with OneDNNLinear():
+        out = lin(x)
+        hx, hw, hb = torch.autograd.grad((out * out).sum(), (x, lin.weight, lin.bias))
+    for got, want in ((out, ref), (hx, gx), (hw, gw), (hb, gb)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    model, tok = tiny
+    ids = torch.tensor([_ids(tok)[1]])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with OneDNNLinear():
+            fast = model(input_ids=ids).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                auto = model(input_ids=ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto_plain = model(input_ids=ids).logits
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
+    assert torch.equal(auto, auto_plain)
+
+
 # ------------------------------------------------------------------------------------ rewards
 
 

@@ -22,6 +22,8 @@ import json
 import math
 from pathlib import Path
 
+from rlhfkit.device import warn_once
+
 RL_PLOTS = [("score", "reward (proxy)"), ("gold", "gold"), ("kl", "KL per response"), ("beta", "beta"),
             ("entropy", "entropy"), ("policy_clipfrac", "clip fraction"), ("response_length", "length (tokens)"),
             ("monitor/length_corr", "corr(reward, length)"), ("monitor/repetition", "repetition rate"),
@@ -58,9 +60,14 @@ def rows_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def _pyplot():
-    import matplotlib
-
+def pyplot():
+    """matplotlib's pyplot on the Agg backend; None, with one warning, when the ``plot`` extra is not
+    installed: every plot is then left out and nothing else changes."""
+    try:
+        import matplotlib
+    except ImportError:
+        warn_once("matplotlib is not installed (pip install 'rlhfkit[plot]'): plots are left out")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -76,7 +83,9 @@ def plot_series(rows: list[dict], keys: list[tuple[str, str]], folder: Path, nam
     keys = [(k, label) for k, label in keys if any(k in r for r in rows)]
     if not keys:
         return None
-    plt = _pyplot()
+    plt = pyplot()
+    if plt is None:
+        return None
     cols = min(3, len(keys))
     n_rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 2.6 * n_rows), squeeze=False)
@@ -101,7 +110,9 @@ def plot_frontier(rows: list[dict], held: dict | None, folder: Path, name: str) 
     pts = [(r["kl"], r["score"], r.get("gold"), r["step"]) for r in rows if "kl" in r and "score" in r]
     if not pts:
         return None
-    plt = _pyplot()
+    plt = pyplot()
+    if plt is None:
+        return None
     has_gold = any(p[2] is not None for p in pts)
     fig, axes = plt.subplots(1, 2 if has_gold else 1, figsize=(10 if has_gold else 5.5, 4), squeeze=False)
     for ax, (idx, label, key) in zip(axes.flat, [(1, "proxy reward", "reward"), (2, "gold", "gold")]):

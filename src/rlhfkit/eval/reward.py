@@ -23,6 +23,7 @@ from rlhfkit.data import load_records, split_records
 from rlhfkit.device import make_accelerator, place
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval import metrics
+from rlhfkit.eval.report import pyplot
 from rlhfkit.losses.supervision import prm_aggregate
 from rlhfkit.models.groups import RECORD_KIND, encode_groups, forward_groups
 from rlhfkit.models.reward import load_reward_model
@@ -188,12 +189,8 @@ def write(result: dict, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     plot = result.pop("_plot", None)
     (folder / "eval.json").write_text(json.dumps(result, indent=2))
-    if plot is not None:
-        import matplotlib  # optional: the plot extra
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot() if plot is not None else None
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
         rows = result["reliability"]
         ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")

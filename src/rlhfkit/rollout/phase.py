@@ -181,10 +181,10 @@ class Reference:
         return policy.disable_adapter(), policy
 
     @torch.no_grad()
-    def logprobs(self, policy, rollout: Rollout, temperature: float) -> torch.Tensor:
+    def logprobs(self, policy, rollout: Rollout, temperature: float, group: int = 1) -> torch.Tensor:
         ctx, model = self.model(policy)
         with ctx:
-            return response_logprobs(model, rollout, temperature)
+            return response_logprobs(model, rollout, temperature, group)
 
     def engine(self, policy, kind: str, device) -> RolloutEngine:
         """A rollout engine that samples from pi_ref: the frozen copy, or ``policy`` with its adapter off."""

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache, StaticCache
 
 from rlhfkit.data.template import pad, position_ids
+from rlhfkit.models.reward import pack_shared_prefix
 
 
 @dataclass
@@ -236,16 +237,53 @@ def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_to
     return Rollout(ids, mask, response, rmask, torch.stack(logps, 1), eos)
 
 
-def response_logits(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+def response_logits(model, rollout: Rollout, temperature: float = 1.0, group: int = 1) -> torch.Tensor:
     """Teacher-forced logits for each response token at the temperature: ``logits[:, P-1:-1] / T``,
     (B, R, V), with the sampler's mask and position ids. Only the last R+1 positions go through the
-    LM head."""
+    LM head.
+
+    ``group`` > 1: the rows come in consecutive groups of ``group`` that share their prompt (the k
+    samples of RLOO / GRPO). Each group is then one packed row, its prompt computed once
+    (:func:`pack_groups`); every response token sees exactly what it sees in its own row, so the
+    logits are the same up to float rounding, at P + sum(R_j) tokens a group instead of k (P + R)."""
+    temp = temperature if temperature > 0 else 1.0
+    if group > 1:
+        ids, mask, pos, source = pack_groups(rollout, group)
+        keep = ids.shape[1] - int(source.min())  # the LM head runs from the first position read on
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=keep)
+        rows = torch.arange(rollout.response_ids.shape[0], device=ids.device) // group
+        return out.logits[rows[:, None], source - (ids.shape[1] - keep)].float() / temp
     mask = rollout.attention_mask
     r = rollout.response_ids.shape[1]
     out = model(input_ids=rollout.input_ids, attention_mask=mask, position_ids=position_ids(mask),
                 use_cache=False, logits_to_keep=r + 1)
-    temp = temperature if temperature > 0 else 1.0
     return out.logits[:, :-1].float() / temp
+
+
+def pack_groups(rollout: Rollout, group: int):
+    """A rollout whose rows come in groups of ``group`` with the same prompt, as one packed row per
+    group: ``prompt + response_1 + ... + response_k`` (padding removed) with the attention mask of
+    :func:`rlhfkit.models.reward.pack_shared_prefix` (a response sees the prompt and its own earlier
+    tokens, never another response; its positions continue from the prompt's end).
+
+    Returns (input_ids (G, T), mask (G, 1, T, T), position_ids (G, T), source (B, R)): ``source[b, t]``
+    is the packed position whose logits predict response token t of row b (the prompt's last token for
+    t = 0, then the response's own previous token); padding positions point at the prompt's last token."""
+    b, p = rollout.prompt_ids.shape
+    if b % group or not torch.equal(rollout.prompt_ids.view(-1, group, p), rollout.prompt_ids[::group, None].expand(-1, group, -1)):
+        raise ValueError(f"pack_groups: the {b} rows are not groups of {group} that share their prompt")
+    plens, rlens = rollout.prompt_mask.sum(-1).tolist(), rollout.response_mask.sum(-1).tolist()
+    prompts = [rollout.prompt_ids[g, p - plens[g]:].tolist() for g in range(0, b, group)]
+    responses = [[rollout.response_ids[i, :rlens[i]].tolist() for i in range(g, g + group)] for g in range(0, b, group)]
+    ids, mask, pos, starts = pack_shared_prefix(prompts, responses, pad_id=0)  # padding is masked: any id
+    width = rollout.response_ids.shape[1]
+    source = torch.empty(b, width, dtype=torch.long)
+    for i in range(b):
+        last, start = len(prompts[i // group]) - 1, starts[i // group][i % group]
+        source[i] = last
+        source[i, 1:rlens[i]] = torch.arange(start, start + rlens[i] - 1)
+    device = rollout.prompt_ids.device
+    return ids.to(device), mask.to(device), pos.to(device), source.to(device)
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -253,9 +291,10 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
-def response_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
-    """Teacher-forced logprobs of the sampled tokens, 0 on padding: (B, R)."""
-    logits = response_logits(model, rollout, temperature)
+def response_logprobs(model, rollout: Rollout, temperature: float = 1.0, group: int = 1) -> torch.Tensor:
+    """Teacher-forced logprobs of the sampled tokens, 0 on padding: (B, R). ``group``: see
+    :func:`response_logits`."""
+    logits = response_logits(model, rollout, temperature, group)
     return gather_logprobs(logits, rollout.response_ids) * rollout.response_mask
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
+from rlhfkit.device import cpu_kernels
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.monitors import MonitorArgs
 from rlhfkit.losses.advantages import grpo_advantages, reinforce_advantages, rloo_advantages
@@ -90,6 +91,10 @@ class PGConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, Correction
     """Prompts per step (over all processes); the step has batch_size x samples_per_prompt responses."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass."""
+    share_prefix: bool = True
+    """Compute each prompt once for its k samples in the teacher-forced passes: a group's prompt and its k
+    responses go in one packed row, so every micro-batch holds whole groups and minibatches are drawn
+    group by group. Needs --micro-batch-size a multiple of --samples-per-prompt. Off: one row per response."""
     lr: float = 1e-5
     """Peak learning rate."""
     max_steps: int = 30
@@ -104,6 +109,9 @@ class PGConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, Correction
             raise ConfigError("pg: --reward is required (a reward-model folder, rule:FILE.yaml or an http(s) URL)")
         if self.samples_per_prompt < 1:
             raise ConfigError("pg: --samples-per-prompt must be at least 1")
+        if self.share_prefix and self.micro_batch_size % self.samples_per_prompt:
+            raise ConfigError(f"pg: --share-prefix needs --micro-batch-size ({self.micro_batch_size}) to be a multiple "
+                              f"of --samples-per-prompt ({self.samples_per_prompt}); or --no-share-prefix")
         if self.kl_in == "loss" and self.kl_estimator == "k1" and self.beta:
             warnings.warn("--kl-in loss with k1: its gradient is zero in expectation on-policy (reference §2.2); "
                           "use --kl-estimator k3 (GRPO) or k2", stacklevel=2)
@@ -141,9 +149,10 @@ def run(cfg: PGConfig) -> Run:
     k = cfg.samples_per_prompt
     s = start_rl(cfg, "pg", k)
     accelerator, tokenizer, reference, reward = s.accelerator, s.tokenizer, s.reference, s.reward
-    with stop_on_nonfinite(s.run):
+    with stop_on_nonfinite(s.run), cpu_kernels(s.accelerator.device):
         model, optimizer, scheduler, start, inner = prepare_rl(s, cfg, s.policy)
         T, mode = cfg.temperature, aggregation(cfg)
+        group = k if cfg.share_prefix else 1  # rows that share a prompt, packed in one row
 
         bar = progress(range(start, s.steps), accelerator.is_main_process and cfg.progress, f"pg {cfg.estimator}",
                        start, s.steps)
@@ -155,7 +164,7 @@ def run(cfg: PGConfig) -> Run:
                 ro, mask = batch.rollout, batch.rollout.response_mask.float()
                 # 2. logprobs of pi_old and pi_ref at T
                 t0 = time.perf_counter()
-                old_logp, ref_logp, _ = logprob_phase(inner, reference, ro, T, cfg.micro_batch_size)
+                old_logp, ref_logp, _ = logprob_phase(inner, reference, ro, T, cfg.micro_batch_size, group=group)
                 t_logprobs = time.perf_counter() - t0
             # the engine sampled from its own numerics: importance weights pi_old / pi_engine
             is_weight, correction = engine_correction(cfg, ro, old_logp, mask)
@@ -171,13 +180,13 @@ def run(cfg: PGConfig) -> Run:
             # 6. policy update
             t0 = time.perf_counter()
             sums: dict = {}
-            for micro in minibatches(len(mask), cfg.ppo_epochs, cfg.num_minibatches, cfg.micro_batch_size, g):
+            for micro in minibatches(len(mask), cfg.ppo_epochs, cfg.num_minibatches, cfg.micro_batch_size, g, group):
                 total = loss_total(accelerator, mask, micro, mode)
                 for i in micro:
                     sub = ro.select(i)
                     w = sub.response_ids.shape[1]
                     with accelerator.accumulate(model):
-                        logits = response_logits(model, sub, T)
+                        logits = response_logits(model, sub, T, group)
                         loss, stats = pg_loss(logits, sub.response_ids, old_logp[i, :w], ref_logp[i, :w], advantages[i],
                                               is_weight[i, :w], mask[i, :w], cfg, beta, total)
                         backward(accelerator, loss)

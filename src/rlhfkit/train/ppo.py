@@ -32,6 +32,7 @@ from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
 from rlhfkit.data import load_records
 from rlhfkit.data.batching import collate
 from rlhfkit.data.template import encode_examples
+from rlhfkit.device import cpu_kernels
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.monitors import MonitorArgs
 from rlhfkit.losses.advantages import gae, token_rewards, whiten
@@ -185,7 +186,7 @@ def run(cfg: PPOConfig) -> Run:
     cfg.resolve()
     s = start_rl(cfg, "ppo", inputs={"ptx": cfg.ptx_data})
     accelerator, tokenizer, reference, reward = s.accelerator, s.tokenizer, s.reference, s.reward
-    with stop_on_nonfinite(s.run):
+    with stop_on_nonfinite(s.run), cpu_kernels(s.accelerator.device):
         # 0. the other two roles: the critic, and (PPO-ptx) demonstrations
         critic, critic_spec = load_critic(cfg)
         ptx = load_ptx(cfg, s.tokenizer) if cfg.ptx_coef else None

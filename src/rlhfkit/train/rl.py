@@ -96,12 +96,9 @@ def load_policy(cfg):
 def plot_curves(metrics_path, png_path, keys: list[str], title: str = "") -> bool:
     """One small panel per metric over steps, from metrics.jsonl (the report's plot_series). False when
     matplotlib is missing or there is nothing to draw."""
-    try:
-        png_path = Path(png_path)
-        return plot_series(rows_of(Path(metrics_path)), [(k, k) for k in keys], png_path.parent, png_path.name,
-                           title) is not None
-    except ImportError:
-        return False
+    png_path = Path(png_path)
+    return plot_series(rows_of(Path(metrics_path)), [(k, k) for k in keys], png_path.parent, png_path.name,
+                       title) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,26 +209,29 @@ def rl_batch_plan(cfg, world: int, k: int = 1) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def logprob_phase(policy, reference: Reference, rollout: Rollout, temperature: float, micro: int, critic=None):
+def logprob_phase(policy, reference: Reference, rollout: Rollout, temperature: float, micro: int, critic=None,
+                  group: int = 1):
     """# 2. teacher-forced logprobs of pi_old and pi_ref at the sampling temperature (and the critic's
-    values), micro-batch by micro-batch: each (B, R), 0 on padding."""
+    values), micro-batch by micro-batch: each (B, R), 0 on padding. ``group`` > 1 (it divides ``micro``):
+    the rows come in groups that share their prompt, each computed as one packed row."""
     width = rollout.response_ids.shape[1]
     old, ref, values = [], [], []
     for mb in micro_slices(rollout.response_ids.shape[0], micro):
         sub = rollout.select(mb)
-        old.append(widen(response_logprobs(policy, sub, temperature), width))
-        ref.append(widen(reference.logprobs(policy, sub, temperature), width))
+        old.append(widen(response_logprobs(policy, sub, temperature, group), width))
+        ref.append(widen(reference.logprobs(policy, sub, temperature, group), width))
         if critic is not None:
             values.append(widen(response_values(critic, sub), width))
     return torch.cat(old), torch.cat(ref), (torch.cat(values) if critic is not None else None)
 
 
-def minibatches(n: int, epochs: int, num_minibatches: int, micro: int, generator):
+def minibatches(n: int, epochs: int, num_minibatches: int, micro: int, generator, group: int = 1):
     """# 6. for each epoch a fresh shuffle of the n sequences, cut into minibatches (one optimiser step
-    each), each cut into micro-batches (index tensors)."""
+    each), each cut into micro-batches (index tensors). ``group`` > 1 (it divides ``micro``): whole groups
+    of that many consecutive sequences are shuffled, so every micro-batch holds whole groups, in order."""
     size = n // num_minibatches
     for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
+        order = (torch.randperm(n // group, generator=generator)[:, None] * group + torch.arange(group)).reshape(-1)
         for m in range(num_minibatches):
             rows = order[m * size: (m + 1) * size]
             yield [rows[s] for s in micro_slices(len(rows), micro)]
