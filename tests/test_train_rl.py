@@ -156,6 +156,25 @@ def test_pg_shared_prefix_computes_the_same_step(tmp_path, prompts):
         PGConfig(**{**base, "micro_batch_size": 4}).resolve()
 
 
+def test_grpo_takes_pi_old_from_the_update_forward(tmp_path, prompts):
+    """GRPO (KL in the loss) with one update per rollout takes pi_old from the update's own forward
+    instead of a separate pass, as TRL does: step 1's KL to the reference, engine mismatch and IS weight
+    are those of a run whose two minibatches need pi_old first (computed in the logprob phase), and the
+    ratio is 1."""
+    from rlhfkit.train.policy_gradient import PGConfig
+    from rlhfkit.train.policy_gradient import run as train
+
+    base = dict(model="tiny", train=prompts, eval_size=0, eval_prompts=0, reward=rule(tmp_path), batch_size=4,
+                samples_per_prompt=3, micro_batch_size=6, max_new_tokens=8, max_steps=1, lora_r=4, lr=1e-2,
+                estimator="grpo", kl_in="loss", kl_estimator="k3", output_dir=str(tmp_path / "runs"), progress=False,
+                temperature=1.0, reference="tiny:1x32")  # another model: KL > 0 at step 1
+    fused, separate = (metrics(train(PGConfig(**base, num_minibatches=n, name=f"mb{n}")))[0] for n in (1, 2))
+    assert fused["kl"] > 0.1
+    for key in ("kl", "engine_logprob_diff", "is_weight", "score", "response_length"):
+        assert fused[key] == pytest.approx(separate[key], rel=1e-5, abs=1e-6), key
+    assert fused["ratio"] == pytest.approx(1.0, abs=1e-7) and fused["ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-7)
+
+
 def test_best_of_n_writes_sft_and_preference_data(tmp_path, prompts):
     """n = 4: best.jsonl has one demonstration per prompt, its score the max of the prompt's four in
     samples.jsonl; pairs.jsonl pairs best with worst; KL_bon = log 4 - 3/4 in the manifest."""

@@ -118,11 +118,11 @@ class PGConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, Correction
         return self
 
 
-def pg_loss(logits, tokens, old_logp, ref_logp, advantages, is_weight, mask, cfg, beta: float, total):
-    """One micro-batch's loss: agg(is_weight * PPO-clip with sequence advantages) [+ beta * agg(KL_t)
-    with --kl-in loss] [- entropy_coef * agg(H)]. Returns (loss, summed statistics)."""
+def pg_loss(logits, logp, old_logp, ref_logp, advantages, is_weight, mask, cfg, beta: float, total):
+    """One micro-batch's loss from its logits (B, R, V) and the sampled tokens' logprobs under them
+    (B, R): agg(is_weight * PPO-clip with sequence advantages) [+ beta * agg(KL_t) with --kl-in loss]
+    [- entropy_coef * agg(H)]. Returns (loss, summed statistics)."""
     mode = aggregation(cfg)
-    logp = gather_logprobs(logits, tokens)
     adv = advantages[:, None].expand_as(logp)
     pg, ratio, clipped = policy_loss(logp, old_logp, adv, cfg.clip, None if cfg.clip_high < 0 else cfg.clip_high)
     pg = is_weight * pg
@@ -153,6 +153,7 @@ def run(cfg: PGConfig) -> Run:
         model, optimizer, scheduler, start, inner = prepare_rl(s, cfg, s.policy)
         T, mode = cfg.temperature, aggregation(cfg)
         group = k if cfg.share_prefix else 1  # rows that share a prompt, packed in one row
+        fused_old = cfg.kl_in == "loss" and cfg.ppo_epochs == 1 and cfg.num_minibatches == 1
 
         bar = progress(range(start, s.steps), accelerator.is_main_process and cfg.progress, f"pg {cfg.estimator}",
                        start, s.steps)
@@ -162,12 +163,14 @@ def run(cfg: PGConfig) -> Run:
                 # 1. rollout: k samples per prompt, and # 3. score
                 batch = rollout_phase(s.engine, tokenizer, reward, s.prompts, s.plan.micro_batches(step)[0], k, cfg, g)
                 ro, mask = batch.rollout, batch.rollout.response_mask.float()
-                # 2. logprobs of pi_old and pi_ref at T
+                # 2. logprobs of pi_old and pi_ref at T. With one update on fresh samples and the KL in the
+                # loss, nothing needs pi_old before the update: its own forward gives it (detached), as in TRL
                 t0 = time.perf_counter()
-                old_logp, ref_logp, _ = logprob_phase(inner, reference, ro, T, cfg.micro_batch_size, group=group)
+                old_logp, ref_logp, _ = logprob_phase(inner, reference, ro, T, cfg.micro_batch_size, group=group,
+                                                      old_too=not fused_old)
                 t_logprobs = time.perf_counter() - t0
-            # the engine sampled from its own numerics: importance weights pi_old / pi_engine
-            is_weight, correction = engine_correction(cfg, ro, old_logp, mask)
+            # the engine sampled from its own numerics: importance weights pi_old / pi_engine (fused_old: below)
+            is_weight, correction = engine_correction(cfg, ro, old_logp, mask) if not fused_old else (mask.clone(), {})
 
             # 4. sequence rewards: R = score - beta * sum_t KL_t (KL in the reward), or the score alone
             beta = s.kl_ctl.beta
@@ -187,7 +190,11 @@ def run(cfg: PGConfig) -> Run:
                     w = sub.response_ids.shape[1]
                     with accelerator.accumulate(model):
                         logits = response_logits(model, sub, T, group)
-                        loss, stats = pg_loss(logits, sub.response_ids, old_logp[i, :w], ref_logp[i, :w], advantages[i],
+                        logp = gather_logprobs(logits, sub.response_ids)
+                        if fused_old:  # pi_old is this forward: the ratio is exactly 1
+                            old_logp[i, :w] = logp.detach() * mask[i, :w]
+                            is_weight[i, :w] = engine_correction(cfg, sub, old_logp[i, :w], mask[i, :w])[0]
+                        loss, stats = pg_loss(logits, logp, old_logp[i, :w], ref_logp[i, :w], advantages[i],
                                               is_weight[i, :w], mask[i, :w], cfg, beta, total)
                         backward(accelerator, loss)
                     if not sums:  # pi = pi_old exactly here: the ratio must be 1 (reference §3 'Checks')
@@ -195,6 +202,8 @@ def run(cfg: PGConfig) -> Run:
                     sum_stats(sums, stats)
                 grad_norm, lr = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step + 1)
             s.engine.sync_weights(inner)
+            if fused_old:
+                _, correction = engine_correction(cfg, ro, old_logp, mask)
 
             # 7. KL controller and logging
             metrics = rollout_metrics(accelerator, batch, old_logp, ref_logp, mask, beta, correction)

@@ -210,15 +210,17 @@ def rl_batch_plan(cfg, world: int, k: int = 1) -> tuple[int, int]:
 
 @torch.no_grad()
 def logprob_phase(policy, reference: Reference, rollout: Rollout, temperature: float, micro: int, critic=None,
-                  group: int = 1):
+                  group: int = 1, old_too: bool = True):
     """# 2. teacher-forced logprobs of pi_old and pi_ref at the sampling temperature (and the critic's
     values), micro-batch by micro-batch: each (B, R), 0 on padding. ``group`` > 1 (it divides ``micro``):
-    the rows come in groups that share their prompt, each computed as one packed row."""
+    the rows come in groups that share their prompt, each computed as one packed row. ``old_too`` False:
+    pi_old is left at 0, for the update's own forward to fill in."""
     width = rollout.response_ids.shape[1]
     old, ref, values = [], [], []
     for mb in micro_slices(rollout.response_ids.shape[0], micro):
         sub = rollout.select(mb)
-        old.append(widen(response_logprobs(policy, sub, temperature, group), width))
+        old.append(widen(response_logprobs(policy, sub, temperature, group) if old_too
+                         else torch.zeros_like(sub.logprobs), width))
         ref.append(widen(reference.logprobs(policy, sub, temperature, group), width))
         if critic is not None:
             values.append(widen(response_values(critic, sub), width))
