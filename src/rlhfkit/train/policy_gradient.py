@@ -149,11 +149,12 @@ def run(cfg: PGConfig) -> Run:
     k = cfg.samples_per_prompt
     s = start_rl(cfg, "pg", k)
     accelerator, tokenizer, reference, reward = s.accelerator, s.tokenizer, s.reference, s.reward
-    with stop_on_nonfinite(s.run), cpu_kernels(s.accelerator.device):
+    with stop_on_nonfinite(s.run):
         model, optimizer, scheduler, start, inner = prepare_rl(s, cfg, s.policy)
         T, mode = cfg.temperature, aggregation(cfg)
         group = k if cfg.share_prefix else 1  # rows that share a prompt, packed in one row
         fused_old = cfg.kl_in == "loss" and cfg.ppo_epochs == 1 and cfg.num_minibatches == 1
+        kernels = cpu_kernels(accelerator.device)  # the trainer's passes: oneDNN for fp32 linears on a CPU
 
         bar = progress(range(start, s.steps), accelerator.is_main_process and cfg.progress, f"pg {cfg.estimator}",
                        start, s.steps)
@@ -166,8 +167,9 @@ def run(cfg: PGConfig) -> Run:
                 # 2. logprobs of pi_old and pi_ref at T. With one update on fresh samples and the KL in the
                 # loss, nothing needs pi_old before the update: its own forward gives it (detached), as in TRL
                 t0 = time.perf_counter()
-                old_logp, ref_logp, _ = logprob_phase(inner, reference, ro, T, cfg.micro_batch_size, group=group,
-                                                      old_too=not fused_old)
+                with kernels:
+                    old_logp, ref_logp, _ = logprob_phase(inner, reference, ro, T, cfg.micro_batch_size, group=group,
+                                                          old_too=not fused_old)
                 t_logprobs = time.perf_counter() - t0
             # the engine sampled from its own numerics: importance weights pi_old / pi_engine (fused_old: below)
             is_weight, correction = engine_correction(cfg, ro, old_logp, mask) if not fused_old else (mask.clone(), {})
@@ -188,7 +190,7 @@ def run(cfg: PGConfig) -> Run:
                 for i in micro:
                     sub = ro.select(i)
                     w = sub.response_ids.shape[1]
-                    with accelerator.accumulate(model):
+                    with accelerator.accumulate(model), kernels:
                         logits = response_logits(model, sub, T, group)
                         logp = gather_logprobs(logits, sub.response_ids)
                         if fused_old:  # pi_old is this forward: the ratio is exactly 1

@@ -186,7 +186,7 @@ def run(cfg: PPOConfig) -> Run:
     cfg.resolve()
     s = start_rl(cfg, "ppo", inputs={"ptx": cfg.ptx_data})
     accelerator, tokenizer, reference, reward = s.accelerator, s.tokenizer, s.reference, s.reward
-    with stop_on_nonfinite(s.run), cpu_kernels(s.accelerator.device):
+    with stop_on_nonfinite(s.run):
         # 0. the other two roles: the critic, and (PPO-ptx) demonstrations
         critic, critic_spec = load_critic(cfg)
         ptx = load_ptx(cfg, s.tokenizer) if cfg.ptx_coef else None
@@ -194,6 +194,7 @@ def run(cfg: PPOConfig) -> Run:
         model, optimizer, scheduler, start, inner = prepare_rl(s, cfg, ActorCritic(s.policy, critic),
                                                                policy_of=lambda m: m.policy)
         T, world = cfg.temperature, accelerator.num_processes
+        kernels = cpu_kernels(accelerator.device)  # the trainer's passes: oneDNN for fp32 linears on a CPU
 
         bar = progress(range(start, s.steps), accelerator.is_main_process and cfg.progress, "ppo", start, s.steps)
         for step in bar:
@@ -204,8 +205,9 @@ def run(cfg: PPOConfig) -> Run:
                 ro, mask = batch.rollout, batch.rollout.response_mask.float()
                 # 2. logprobs of the policy (pi_old) and the reference at T, and the critic's values
                 t0 = time.perf_counter()
-                old_logp, ref_logp, old_values = logprob_phase(inner.policy, reference, ro, T, cfg.micro_batch_size,
-                                                               inner.critic)
+                with kernels:
+                    old_logp, ref_logp, old_values = logprob_phase(inner.policy, reference, ro, T,
+                                                                   cfg.micro_batch_size, inner.critic)
                 t_logprobs = time.perf_counter() - t0
             # the engine sampled from its own numerics: importance weights pi_old / pi_engine
             is_weight, correction = engine_correction(cfg, ro, old_logp, mask)
@@ -230,7 +232,7 @@ def run(cfg: PPOConfig) -> Run:
                     sub = ro.select(i)
                     w = sub.response_ids.shape[1]
                     lm = next(ptx) if ptx is not None and j == 0 else None
-                    with accelerator.accumulate(model):
+                    with accelerator.accumulate(model), kernels:
                         logits, values, lm_logits = model(sub, T, lm["batch"] if lm else None)
                         loss, stats = ppo_loss(logits, values, sub.response_ids, old_logp[i, :w], old_values[i, :w],
                                                advantages[i, :w], returns[i, :w], is_weight[i, :w], mask[i, :w], cfg, total)
