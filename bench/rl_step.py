@@ -4,8 +4,8 @@ each framework in its own process.
 The same everywhere: the bundled SmolLM2-135M-Instruct, the first prompts of examples/prompts.jsonl
 in its chat template, k samples per prompt, the same number of new tokens and temperature (top-p 1,
 top-k off), LoRA r = 16 / alpha = 32 on every linear layer, fp32, no gradient checkpointing, KL
-coefficient 0.05 against the LoRA base, one optimiser step per rollout batch over micro-batches of
-8, and the same reward: seed 004's rule (configs/rules/concise-python.yaml) scored by rlhfkit's
+coefficient 0.05 against the LoRA base (in the reward for RLOO, k1; in the loss for GRPO, k3, as TRL
+puts them), one optimiser step per rollout batch over micro-batches of 8, and the same reward: seed 004's rule (configs/rules/concise-python.yaml) scored by rlhfkit's
 RuleReward, given to TRL as a reward function. A step is sampling, scoring, the reference and old
 logprobs, and the update. The steps after the first (warm-up) are timed from each framework's own
 per-step log, and peak RSS is the process's.
@@ -36,6 +36,11 @@ RULE = ROOT / "configs" / "rules" / "concise-python.yaml"
 PROMPTS = ROOT / "examples" / "prompts.jsonl"
 
 
+# TRL's GRPOTrainer puts beta * KL (k3) in the loss; its RLOOTrainer puts beta * KL (k1) in the reward, as
+# rlhfkit's pg does by default
+GRPO_KL = {"kl_in": "loss", "kl_estimator": "k3"}
+
+
 def peak_rss_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
@@ -49,7 +54,7 @@ def rlhfkit_step(args, out: Path) -> list[float]:
                    lora_alpha=32, lr=5e-4, beta=0.05, batch_size=args.prompts, micro_batch_size=8, num_minibatches=1,
                    max_new_tokens=args.new_tokens, temperature=args.temperature, max_steps=args.steps,
                    output_dir=str(out), progress=False, name=f"bench-{args.estimator}", save_every=10**6,
-                   warmup_ratio=0.0)
+                   warmup_ratio=0.0, **GRPO_KL if args.estimator == "grpo" else {})
     run = train(cfg)
     times = [json.loads(line)["time"] for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     return [b - a for a, b in zip(times, times[1:])]  # each step after the first

@@ -133,7 +133,7 @@ def pg_loss(logits, logp, old_logp, ref_logp, advantages, is_weight, mask, cfg, 
         kl = kl_penalty(logp, ref_logp, cfg.kl_estimator)
         loss = loss + beta * aggregate(kl, mask, mode, total)
         stats["kl_loss"] = (kl * mask).sum()
-    ent = entropy(logits)
+    ent = entropy(logits if cfg.entropy_coef else logits.detach())  # logged; in the graph only when it is a loss term
     if cfg.entropy_coef:
         loss = loss - cfg.entropy_coef * aggregate(ent, mask, mode, total)
     stats["entropy"] = (ent * mask).sum()

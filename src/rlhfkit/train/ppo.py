@@ -170,7 +170,7 @@ def ppo_loss(logits, values, tokens, old_logp, old_values, advantages, returns, 
     pg, ratio, pg_clipped = policy_loss(logp, old_logp, advantages, cfg.clip, clip_high)
     pg = is_weight * pg
     vf, vf_clipped = value_loss(values, old_values, returns, cfg.value_clip)
-    ent = entropy(logits)
+    ent = entropy(logits if cfg.entropy_coef else logits.detach())  # logged; in the graph only when it is a loss term
     mode = cfg.loss_aggregation
     loss = aggregate(pg, mask, mode, total) + cfg.vf_coef * aggregate(vf, mask, mode, total)
     if cfg.entropy_coef:
