@@ -53,7 +53,10 @@ def prompts_for(tok, n: int) -> list[list[int]]:
 
 
 def probe() -> dict:
-    """This machine's fp32 matmul peak (GFLOP/s, a 1024^3 product) and read bandwidth (GB/s)."""
+    """This machine's fp32 matmul peak (GFLOP/s, a 1024^3 product, the faster of ``F.linear``'s BLAS and
+    oneDNN, which differ by 2x on some CPUs) and read bandwidth (GB/s)."""
+    from rlhfkit.device import onednn_linear
+
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     x = torch.randn(64 * 2**20)
 
@@ -66,7 +69,11 @@ def probe() -> dict:
             times.append(time.perf_counter() - t)
         return min(times)
 
-    return {"matmul_gflops": round(2 * 1024**3 / best(lambda: a @ b, 20) / 1e9, 1),
+    kernels = {"blas": lambda: a @ b}
+    if torch.backends.mkldnn.is_available():
+        kernels["onednn"] = lambda: onednn_linear(a, b)
+    peaks = {name: round(2 * 1024**3 / best(fn, 20) / 1e9, 1) for name, fn in kernels.items()}
+    return {"matmul_gflops": max(peaks.values()), "matmul_gflops_by_kernel": peaks,
             "read_gbps": round(x.numel() * 4 / best(x.sum, 20) / 1e9, 1)}
 
 

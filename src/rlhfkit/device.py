@@ -118,8 +118,10 @@ class OneDNNLinear(TorchFunctionMode):
     """Every fp32 ``F.linear`` on the CPU, forward and backward, through oneDNN instead of the BLAS that
     ``F.linear`` calls (MKL in the PyTorch wheels). On the AMD EPYC CPUs with AVX-512 that this
     project's machines have, a (464 x 576) @ (576 x 1536) product runs at about 217 GFLOP/s through
-    MKL and 510 through oneDNN (``bench/rollout.py`` prints the machine's figures), so a CPU RL step's
-    teacher-forced passes take about half the time. The same weights are used as they are (no copy);
+    MKL and 510 through oneDNN (``bench/rollout.py`` prints the machine's figures), so training passes
+    on the CPU take about half the time. Every training stage runs its passes in it (:func:`cpu_kernels`).
+    A mode costs Python time on every torch call, which at a decoding step's few rows outweighs the
+    gain: the hf engine decodes through :class:`~rlhfkit.rollout.sampler.PackedLinear` instead. The same weights are used as they are (no copy);
     the results differ from MKL's by float rounding only. Under autocast, and for other dtypes and
     devices, ``F.linear`` runs as usual."""
 
@@ -134,9 +136,10 @@ class OneDNNLinear(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def cpu_kernels(device: torch.device):
+def cpu_kernels(device: torch.device, gradient_checkpointing: bool = False):
     """The context a stage's forward and backward passes run in: :class:`OneDNNLinear` on a CPU with
-    oneDNN, nothing elsewhere."""
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    oneDNN, nothing elsewhere. Not with gradient checkpointing, whose recomputation in the backward
+    pass runs outside the mode and would not match the tensors the forward saved."""
+    if device.type != "cpu" or gradient_checkpointing or not torch.backends.mkldnn.is_available():
         return contextlib.nullcontext()
     return OneDNNLinear()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.device import cpu_kernels, place, resolve_device
+from rlhfkit.device import place, resolve_device
 from rlhfkit.errors import ConfigError
 from rlhfkit.models import disable_dropout, load_causal_lm
 from rlhfkit.rollout.sampler import Rollout, sample
@@ -64,8 +64,7 @@ class HFEngine(RolloutEngine):
     ``adapter_off=True`` samples from the model with its LoRA adapter switched off: the frozen
     reference policy without a second copy of the weights. On the CPU the decoding steps use linear
     weights packed for oneDNN (:class:`~rlhfkit.rollout.sampler.PackedLinear`), kept here between
-    calls and remade when training changes a weight; they cost one more copy of those weights. The
-    prefill runs its linears through oneDNN as well (:class:`~rlhfkit.device.OneDNNLinear`)."""
+    calls and remade when training changes a weight; they cost one more copy of those weights."""
 
     name = "hf"
 
@@ -76,7 +75,7 @@ class HFEngine(RolloutEngine):
     @torch.no_grad()
     def generate(self, prompts, params: SamplingParams, generator=None, on_token=None) -> Rollout:
         ctx = self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
-        with ctx, cpu_kernels(self.device):
+        with ctx:
             return sample(self.model, prompts, params.pad_id, params.eos_id, max_new_tokens=params.max_new_tokens,
                           temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                           min_new_tokens=params.min_new_tokens, generator=generator, on_token=on_token,

@@ -25,6 +25,7 @@ import torch
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
 from rlhfkit.data import pad
 from rlhfkit.data.split import load_train_eval
+from rlhfkit.device import cpu_kernels
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.dpo import DPO_LOSSES, LENGTH_AVERAGED, implicit_rewards
 from rlhfkit.models.groups import encode_groups, eval_chunks, group_tokens
@@ -165,7 +166,7 @@ def run(cfg: DPOConfig) -> Run:
     cfg.resolve()
     accelerator, run, log = start_stage(cfg, "dpo", {"train": cfg.train, "eval": cfg.eval, "model": cfg.model},
                                         accum=1 if cfg.micro_batch_tokens else None)
-    with stop_on_nonfinite(run):
+    with stop_on_nonfinite(run), cpu_kernels(accelerator.device, cfg.gradient_checkpointing):  # oneDNN linears on a CPU
         # 0. policy, reference, pairs
         policy, tokenizer = load_policy(cfg)
         reference = Reference(policy, cfg.mixed_precision, cfg.reference)

@@ -154,7 +154,7 @@ def run(cfg: PGConfig) -> Run:
         T, mode = cfg.temperature, aggregation(cfg)
         group = k if cfg.share_prefix else 1  # rows that share a prompt, packed in one row
         fused_old = cfg.kl_in == "loss" and cfg.ppo_epochs == 1 and cfg.num_minibatches == 1
-        kernels = cpu_kernels(accelerator.device)  # the trainer's passes: oneDNN for fp32 linears on a CPU
+        kernels = cpu_kernels(accelerator.device, cfg.gradient_checkpointing)  # the trainer's passes: oneDNN for fp32 linears on a CPU
 
         bar = progress(range(start, s.steps), accelerator.is_main_process and cfg.progress, f"pg {cfg.estimator}",
                        start, s.steps)

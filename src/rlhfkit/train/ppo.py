@@ -194,7 +194,7 @@ def run(cfg: PPOConfig) -> Run:
         model, optimizer, scheduler, start, inner = prepare_rl(s, cfg, ActorCritic(s.policy, critic),
                                                                policy_of=lambda m: m.policy)
         T, world = cfg.temperature, accelerator.num_processes
-        kernels = cpu_kernels(accelerator.device)  # the trainer's passes: oneDNN for fp32 linears on a CPU
+        kernels = cpu_kernels(accelerator.device, cfg.gradient_checkpointing)  # the trainer's passes: oneDNN for fp32 linears on a CPU
 
         bar = progress(range(start, s.steps), accelerator.is_main_process and cfg.progress, "ppo", start, s.steps)
         for step in bar:

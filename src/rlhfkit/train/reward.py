@@ -31,6 +31,7 @@ import torch
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
 from rlhfkit.data import load_records
 from rlhfkit.data.split import load_train_eval
+from rlhfkit.device import cpu_kernels
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.preference import bradley_terry, centering, margin_loss, per_prompt_pairs, plackett_luce
 from rlhfkit.losses.supervision import (
@@ -222,7 +223,7 @@ def run(cfg: RMConfig) -> Run:
     cfg.resolve()
     accelerator, run, log = start_stage(cfg, "rm", {"train": cfg.train, "eval": cfg.eval, "model": cfg.model},
                                         accum=1 if cfg.micro_batch_tokens else None)
-    with stop_on_nonfinite(run):
+    with stop_on_nonfinite(run), cpu_kernels(accelerator.device, cfg.gradient_checkpointing):  # oneDNN linears on a CPU
         # 1. model and data
         rm, tokenizer = load_reward_model(cfg.model, num_labels=num_labels(cfg), seed=cfg.seed)
         records, held, loaded = load_train_eval(cfg, RECORD_KIND[cfg.kind], log)

@@ -15,6 +15,7 @@ from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
 from rlhfkit.data.batching import collate
 from rlhfkit.data.split import load_train_eval
 from rlhfkit.data.template import Encoded, encode_examples
+from rlhfkit.device import cpu_kernels
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses import sft_loss, token_nll
 from rlhfkit.models import count_parameters, load_causal_lm
@@ -68,7 +69,7 @@ def load_data(cfg: SFTConfig, tokenizer, log=print):
 def run(cfg: SFTConfig) -> Run:
     cfg.resolve()
     accelerator, run, log = start_stage(cfg, "sft", {"train": cfg.train, "eval": cfg.eval, "model": cfg.model})
-    with stop_on_nonfinite(run):
+    with stop_on_nonfinite(run), cpu_kernels(accelerator.device, cfg.gradient_checkpointing):  # oneDNN linears on a CPU
         # 1. model and data
         model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
         (train_set, train_report), (eval_set, _), loaded = load_data(cfg, tokenizer, log)
