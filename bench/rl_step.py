@@ -5,8 +5,8 @@ The same everywhere: the bundled SmolLM2-135M-Instruct, the first prompts of exa
 in its chat template, k samples per prompt, the same number of new tokens and temperature (top-p 1,
 top-k off), LoRA r = 16 / alpha = 32 on every linear layer, fp32, no gradient checkpointing, KL
 coefficient 0.05 against the LoRA base (in the reward for RLOO, k1; in the loss for GRPO, k3, as TRL
-puts them), one optimiser step per rollout batch over micro-batches of 8, and the same reward: seed 004's rule (configs/rules/concise-python.yaml) scored by rlhfkit's
-RuleReward, given to TRL as a reward function. A step is sampling, scoring, the reference and old
+puts them), one optimiser step per rollout batch over micro-batches of 8, and the same reward: seed
+004's rule (configs/rules/concise-python.yaml) scored by rlhfkit's RuleReward, given to TRL as a reward function. A step is sampling, scoring, the reference and old
 logprobs, and the update. The steps after the first (warm-up) are timed from each framework's own
 per-step log, and peak RSS is the process's.
 

@@ -83,11 +83,13 @@ def place(model, device: torch.device | None = None):
 # CPU kernels
 
 
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` through oneDNN's ``mkldnn._linear_pointwise``: x (..., in) @ weight (out, in)^T + bias."""
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  out_features: int | None = None) -> torch.Tensor:
+    """``F.linear`` through oneDNN's ``mkldnn._linear_pointwise``: x (..., in) @ weight (out, in)^T + bias.
+    ``weight`` is contiguous, or packed by ``mkldnn._reorder_linear_weight`` (then give ``out_features``)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.ops.mkldnn._linear_pointwise(rows, weight.contiguous(), bias, "none", [], "")
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], out_features or weight.shape[0])
 
 
 class _OneDNNLinearFn(torch.autograd.Function):
@@ -105,7 +107,7 @@ class _OneDNNLinearFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = onednn_linear(grad, weight.t())  # g @ W
+            gx = onednn_linear(grad, weight.t().contiguous())  # g @ W
         g2 = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
             gw = g2.t() @ x.reshape(-1, x.shape[-1])
@@ -121,9 +123,9 @@ class OneDNNLinear(TorchFunctionMode):
     MKL and 510 through oneDNN (``bench/rollout.py`` prints the machine's figures), so training passes
     on the CPU take about half the time. Every training stage runs its passes in it (:func:`cpu_kernels`).
     A mode costs Python time on every torch call, which at a decoding step's few rows outweighs the
-    gain: the hf engine decodes through :class:`~rlhfkit.rollout.sampler.PackedLinear` instead. The same weights are used as they are (no copy);
-    the results differ from MKL's by float rounding only. Under autocast, and for other dtypes and
-    devices, ``F.linear`` runs as usual."""
+    gain: the hf engine decodes through :class:`~rlhfkit.rollout.sampler.PackedLinear` instead. The
+    weights are used as they are (no copy); the results differ from MKL's by float rounding only. Under
+    autocast, and for other dtypes and devices, ``F.linear`` runs as usual."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache, StaticCache
 
 from rlhfkit.data.template import pad, position_ids
+from rlhfkit.device import onednn_linear
 from rlhfkit.models.reward import pack_shared_prefix
 
 
@@ -119,8 +120,7 @@ class PackedLinear(TorchFunctionMode):
             rows = x.numel() // x.shape[-1]
             packed = self.packed(weight) if rows <= self.rows and weight.dtype == x.dtype else None
             if packed is not None:
-                out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), packed, bias, "none", [], "")
-                return out.reshape(*x.shape[:-1], weight.shape[0])
+                return onednn_linear(x, packed, bias, out_features=weight.shape[0])
         return func(*args, **kwargs)
 
 
