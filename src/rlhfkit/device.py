@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import GradientAccumulationPlugin
+from accelerate.utils import DistributedType, GradientAccumulationPlugin
 from torch.overrides import TorchFunctionMode
 
 from rlhfkit.config import ModelArgs
+from rlhfkit.errors import ConfigError
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,7 +49,52 @@ def make_accelerator(cfg: ModelArgs, grad_accum: int = 1):
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     plugin = GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False)
-    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_plugin=plugin)
+    # the stages step their schedule once per optimiser step themselves: accelerate's scheduler wrapper
+    # would step it once per process (it assumes the per-process batch grows with the world)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_plugin=plugin,
+                              cpu=cpu_launch(), step_scheduler_with_optimizer=False)
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and fsdp_requested():
+        shard_on_cpu(accelerator, cfg.mixed_precision)
+    return accelerator
+
+
+def cpu_launch() -> bool:
+    """Whether this process is one of several launched on a machine without an accelerator.
+
+    ``accelerate launch`` with a GPU config (``configs/accelerate/ddp.yaml``, ``fsdp2.yaml``) starts the
+    processes with torchrun but, finding no GPU, leaves each one on its own (no process group): every
+    rank would train alone and write the same run. On such a machine the processes join a gloo group
+    instead, as ``accelerate launch --cpu`` would have them do."""
+    accelerator_there = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return world_size() > 1 and not accelerator_there
+
+
+def fsdp_requested() -> bool:
+    """Whether the launch config asked for FSDP (``accelerate launch`` sets ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def shard_on_cpu(accelerator, mixed_precision: str) -> None:
+    """Make ``accelerator`` shard with FSDP on CPU processes (gloo).
+
+    accelerate 1.16 sets up FSDP only on accelerator devices: ``accelerate launch --cpu`` drops the FSDP
+    config, and its state puts CPU processes in plain DDP. PyTorch's FSDP2 (``fully_shard``) itself runs
+    on CPU tensors over gloo, so this switches the state to FSDP with the plugin the launch config
+    describes (read from the environment accelerate launch set); ``accelerator.prepare``, ``save_state``,
+    ``load_state`` and ``get_state_dict`` then take accelerate's own FSDP2 paths, as on GPUs."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ConfigError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config (FSDP1 is GPU-only here)")
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    state = AcceleratorState()
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if not accelerator.is_fsdp2:
+        raise RuntimeError("could not switch accelerate to FSDP2 on CPU processes")
 
 
 @functools.cache
@@ -64,7 +110,7 @@ def world_size() -> int:
 def select_device() -> torch.device:
     """The device ``accelerate`` gives this process (a GPU when there is one, else the CPU): the same
     one a stage's ``Accelerator`` trains on."""
-    return PartialState().device
+    return PartialState(cpu=cpu_launch()).device
 
 
 def resolve_device(device: torch.device | None = None) -> torch.device:
@@ -75,8 +121,13 @@ def resolve_device(device: torch.device | None = None) -> torch.device:
 def place(model, device: torch.device | None = None):
     """Move ``model`` to ``device`` (default: :func:`select_device`) and return it. The one place a
     model that is not prepared by an accelerator (reward models, judges, sampling-only policies)
-    gets its device."""
-    return model.to(resolve_device(device))
+    gets its device. A model already there is left alone: ``.to`` on an FSDP2 module reshards it, which
+    would undo :func:`~rlhfkit.train.common.gathered`."""
+    device = resolve_device(device)
+    if all(t.device.type == device.type and t.device.index in (None, device.index)
+           for t in [*model.parameters(), *model.buffers()]):
+        return model
+    return model.to(device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ class RolloutEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  generator: torch.Generator | None = None, on_token=None) -> Rollout:
-        """One response per prompt. ``on_token(tokens, logprobs, live)``, when given, is called with each
+        """One response per prompt. ``generator`` is one generator for the batch or a list of one per prompt
+        (each response then depends on its own stream alone). ``on_token(tokens, logprobs, live)``, when given, is called with each
         step's (B,) tokens as they are drawn (engines that cannot stream call it once per token at the end)."""
         raise NotImplementedError
 

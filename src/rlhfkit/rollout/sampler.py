@@ -76,12 +76,17 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """One token per row from the categorical ``probs`` (B, V), by inverting its CDF at one uniform draw
     per row: exact, and B random numbers instead of the B x V exponentials ``torch.multinomial`` draws
-    (a tenth of a CPU decoding step at V = 49k)."""
+    (a tenth of a CPU decoding step at V = 49k). ``generator`` may be a list with one generator per row:
+    each row's tokens then depend on its own stream alone, not on the rows beside it in the batch."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    if isinstance(generator, list):
+        u = torch.cat([torch.rand(1, generator=g) for g in generator])[:, None].to(probs.device)
+    else:
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+    u = u * cdf[:, -1:]
     token = torch.searchsorted(cdf, u, right=True).squeeze(-1)
     return token.clamp(max=probs.shape[-1] - 1)
 
@@ -185,7 +190,8 @@ def layer_kv(cache):
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int = 64,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0,
-           generator: torch.Generator | None = None, on_token=None, packed: dict | None = None) -> Rollout:
+           generator: torch.Generator | list[torch.Generator] | None = None, on_token=None,
+           packed: dict | None = None) -> Rollout:
     """Sample one response per prompt (token ids). ``temperature=0`` is greedy (logprobs at T=1).
     ``min_new_tokens`` forbids EOS before that many tokens. ``on_token(tokens, logprobs, live)``, when
     given, sees each step's tokens as they are drawn (a streaming server sends them on). ``packed``: a

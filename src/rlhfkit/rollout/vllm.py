@@ -119,7 +119,8 @@ class VLLMEngine(RolloutEngine):
             warnings.warn("rollout vllm with top-k/top-p: the engine's logprobs are renormalised over the kept "
                           "tokens and differ from the trainer's full-softmax logprobs by log(kept mass)", stacklevel=2)
             self.warned = True
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
+        seeds = ([int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for g in generator] if isinstance(generator, list)
+                 else torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist())
         eos = params.eos_id if 0 <= params.eos_id < self.vocab else None
         requests = [VSamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
                                     max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens, logprobs=0,

@@ -8,8 +8,11 @@ process takes its contiguous share of the step's examples and splits it into mic
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import random
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +20,7 @@ import torch
 from rlhfkit.config import ModelArgs, OptimArgs, accumulation_steps, print_config
 from rlhfkit.data.batching import split_by_tokens
 from rlhfkit.device import make_accelerator, world_size
-from rlhfkit.errors import StoppedError
+from rlhfkit.errors import ConfigError, StoppedError
 from rlhfkit.models import apply_lora, disable_dropout, merged
 from rlhfkit.run import NonFiniteError, Run, check_finite
 
@@ -141,18 +144,94 @@ def total_steps(cfg: OptimArgs, plan: BatchPlan) -> int:
 
 
 def save_hf(accelerator, model, tokenizer, folder) -> None:
-    """Save ``model`` in Hugging Face format, LoRA merged in, with its tokenizer."""
+    """Save ``model`` in Hugging Face format, LoRA merged in, with its tokenizer. Every process calls it
+    (a sharded model is gathered first); the main process writes."""
     unwrapped = accelerator.unwrap_model(model)
-    if hasattr(unwrapped, "merge_and_unload") or any(p.dtype != torch.float32 for p in unwrapped.parameters()):
-        import copy
+    plain = full_model(accelerator, model)
+    if not accelerator.is_main_process:
+        return
+    if hasattr(plain, "merge_and_unload") or any(p.dtype != torch.float32 for p in plain.parameters()):
+        plain = merged((copy.deepcopy(plain) if plain is unwrapped else plain).float())  # merge in fp32, save fp32
+    plain.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
 
-        unwrapped = merged(copy.deepcopy(unwrapped).float())  # merge in fp32, save fp32
-        state = unwrapped.state_dict()
-    else:
-        state = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(folder, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+
+# ---------------------------------------------------------------------------------------------
+# sharded models (FSDP2): whole weights for generation, evaluation and export
+
+_SKELETONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (root's skeleton, root, name)
+
+
+def keep_skeleton(model) -> None:
+    """Remember ``model``'s structure (modules, adapters, heads, tied weights) on the meta device, taking
+    no memory, before FSDP shards it in place: :func:`full_model` fills it with the gathered weights, for
+    the model or any module inside it (PPO's policy inside its actor-critic)."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    skeleton = copy.deepcopy(model, memo)  # buffers (rotary frequencies) are small and copied as they are
+    for name, module in model.named_modules():
+        _SKELETONS[module] = (skeleton, model, name)
+
+
+def broadcast_weights(model) -> None:
+    """Every process starts from the main process's weights, as DDP's wrapper makes it: FSDP2 shards
+    each process's own copy, and the random parts (LoRA's A matrices, new heads) were drawn from each
+    process's own seed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+def full_model(accelerator, model):
+    """The model as one plain module with all its weights: ``unwrap_model`` when nothing is sharded; under
+    FSDP the full state dict gathered on the main process (collective: every process calls) and loaded
+    into the skeleton kept before sharding; None on the other processes."""
+    unwrapped = accelerator.unwrap_model(model)
+    if unwrapped not in _SKELETONS:
+        return unwrapped
+    skeleton, root, name = _SKELETONS[unwrapped]
+    state = accelerator.get_state_dict(root)
+    if not accelerator.is_main_process:
+        return None
+    from transformers import PreTrainedModel
+
+    plain = copy.deepcopy(skeleton)
+    plain.load_state_dict(state, assign=True)
+    for module in plain.modules():
+        if isinstance(module, PreTrainedModel):
+            module.tie_weights()  # loading gave tied weights (embeddings and LM head) one tensor each
+    return plain.get_submodule(name)
+
+
+@contextlib.contextmanager
+def gathered(accelerator, model):
+    """Every parameter of ``model`` whole on every process inside the block: FSDP2 all-gathers them on
+    entry (every process must enter) and keeps them through forwards, so processes may run different
+    numbers of forwards inside (sampling to different lengths, held-out evaluation on one process);
+    resharded on exit. ``model`` may be a module inside the prepared one: the whole prepared model is
+    gathered. Nothing happens when nothing is sharded. No backward inside."""
+    if not accelerator.is_fsdp2:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    root = _SKELETONS[accelerator.unwrap_model(model)][1]
+    root._get_fsdp_state()._lazy_init()  # before any inner module runs first and takes itself for the root
+    modules = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    groups = [g for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]
+    after_forward = [g.post_forward_mesh_info for g in groups]  # each group's reshard-after-forward setting
+    for m in modules:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for g, info in zip(groups, after_forward, strict=True):
+            g.post_forward_mesh_info = info
+        for m in modules:
+            m.reshard()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +263,9 @@ def prepare_training(accelerator, run, cfg, model, n_examples: int, log, lengths
     """Batch plan, optimiser and schedule, ``accelerator.prepare``, and the resume point.
 
     Returns (model, optimizer, scheduler, plan, steps, start_step)."""
+    if token_budget and accelerator.is_fsdp2:
+        raise ConfigError("--micro-batch-tokens under FSDP: processes would make different numbers of sharded "
+                          "passes per step; use --micro-batch-size")
     plan = BatchPlan(n_examples, cfg.batch_size, cfg.micro_batch_size, world_size(), accelerator.process_index,
                      cfg.seed, lengths=lengths, token_budget=token_budget)
     steps = total_steps(cfg, plan)
@@ -195,6 +277,9 @@ def prepare_optimisation(accelerator, run, cfg, model, updates: int, log):
     """Optimiser and schedule over ``updates`` optimiser steps, ``accelerator.prepare``, and the
     resume point. Returns (model, optimizer, scheduler, start_step)."""
     optimizer, scheduler = build_optimizer(model, cfg, updates)
+    if accelerator.is_fsdp2:
+        keep_skeleton(model)
+        broadcast_weights(model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     start = run.load_checkpoint(accelerator)["step"] if cfg.resume else 0
     if start:

@@ -33,7 +33,7 @@ from rlhfkit.losses.ppo import aggregate, entropy, policy_loss
 from rlhfkit.rollout.phase import SamplingArgs, rollout_phase
 from rlhfkit.rollout.sampler import gather_logprobs, response_logits
 from rlhfkit.run import Run, progress
-from rlhfkit.train.common import backward, optimizer_step, stop_on_nonfinite
+from rlhfkit.train.common import backward, gathered, optimizer_step, stop_on_nonfinite
 from rlhfkit.train.rl import (
     CorrectionArgs,
     KLArgs,
@@ -46,6 +46,7 @@ from rlhfkit.train.rl import (
     minibatches,
     prepare_rl,
     rollout_metrics,
+    row_generators,
     start_rl,
     step_generator,
     sum_stats,
@@ -160,9 +161,11 @@ def run(cfg: PGConfig) -> Run:
                        start, s.steps)
         for step in bar:
             g = step_generator(cfg, step, accelerator.process_index)
-            with accelerator.autocast():
+            with accelerator.autocast(), gathered(accelerator, model):  # sharded weights: whole for sampling
                 # 1. rollout: k samples per prompt, and # 3. score
-                batch = rollout_phase(s.engine, tokenizer, reward, s.prompts, s.plan.micro_batches(step)[0], k, cfg, g)
+                idx = s.plan.micro_batches(step)[0]
+                batch = rollout_phase(s.engine, tokenizer, reward, s.prompts, idx, k, cfg,
+                                      row_generators(cfg, step, accelerator.process_index, len(idx) * k))
                 ro, mask = batch.rollout, batch.rollout.response_mask.float()
                 # 2. logprobs of pi_old and pi_ref at T. With one update on fresh samples and the KL in the
                 # loss, nothing needs pi_old before the update: its own forward gives it (detached), as in TRL

@@ -44,7 +44,7 @@ from rlhfkit.rollout.phase import SamplingArgs, rollout_phase
 from rlhfkit.rollout.rewards import single_reward_model
 from rlhfkit.rollout.sampler import Rollout, gather_logprobs, response_logits, response_values
 from rlhfkit.run import Run, progress
-from rlhfkit.train.common import backward, optimizer_step, prepare_model, stop_on_nonfinite
+from rlhfkit.train.common import backward, gathered, optimizer_step, prepare_model, stop_on_nonfinite
 from rlhfkit.train.rl import (
     CorrectionArgs,
     KLArgs,
@@ -58,6 +58,7 @@ from rlhfkit.train.rl import (
     minibatches,
     prepare_rl,
     rollout_metrics,
+    row_generators,
     start_rl,
     step_generator,
     sum_stats,
@@ -199,9 +200,11 @@ def run(cfg: PPOConfig) -> Run:
         bar = progress(range(start, s.steps), accelerator.is_main_process and cfg.progress, "ppo", start, s.steps)
         for step in bar:
             g = step_generator(cfg, step, accelerator.process_index)
-            with accelerator.autocast():
+            with accelerator.autocast(), gathered(accelerator, model):  # sharded weights: whole for sampling
                 # 1. rollout, and # 3. score (the reward source reads the decoded text)
-                batch = rollout_phase(s.engine, tokenizer, reward, s.prompts, s.plan.micro_batches(step)[0], 1, cfg, g)
+                idx = s.plan.micro_batches(step)[0]
+                batch = rollout_phase(s.engine, tokenizer, reward, s.prompts, idx, 1, cfg,
+                                      row_generators(cfg, step, accelerator.process_index, len(idx)))
                 ro, mask = batch.rollout, batch.rollout.response_mask.float()
                 # 2. logprobs of the policy (pi_old) and the reference at T, and the critic's values
                 t0 = time.perf_counter()

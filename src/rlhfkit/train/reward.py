@@ -58,6 +58,8 @@ from rlhfkit.models.reward import BIAS_KEY, embed, load_reward_model, save_rewar
 from rlhfkit.run import Run, check_finite, progress
 from rlhfkit.train.common import (
     backward,
+    full_model,
+    gathered,
     micro_step,
     optimizer_step,
     prepare_model,
@@ -281,19 +283,20 @@ def run(cfg: RMConfig) -> Run:
             summary.update({f"eval_{k}": v for k, v in evaluate(rm, eval_set, cfg, stats, accelerator).items()})
             under = " (under bf16 autocast; `rm eval` scores in fp32 by default)" if cfg.mixed_precision == "bf16" else ""
             log(f"held-out{under}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k != "steps"))
-        unwrapped = accelerator.unwrap_model(rm)
-        if cfg.normalize_on:
-            with accelerator.autocast():  # frozen layers may be stored in bf16
-                summary["reward_bias"] = normalize_bias(unwrapped, tokenizer, cfg)
-            log(f"reward bias {summary['reward_bias']:.4f}: {cfg.normalize_on} now scores 0 on average")
-
+        # the main process (or every process, when nothing is sharded) holds the whole trained model
+        unwrapped = full_model(accelerator, rm)
         detector = None
-        if cfg.ood_fit and num_labels(cfg) == 1 and cfg.kind != "orm" and accelerator.is_main_process:
-            with accelerator.autocast():
-                detector = fit_ood(unwrapped, tokenizer, records, cfg)
-            log(f"OOD detector: fitted on {detector.n_fit} training responses, threshold {detector.threshold:.1f} "
-                f"(the {detector.quantile:.0%} quantile of cross-fitted training responses)" if detector else
-                "OOD detector: too few training prompts to fit one (at least 10 are needed)")
+        if unwrapped is not None:
+            if cfg.normalize_on:
+                with accelerator.autocast():  # frozen layers may be stored in bf16
+                    summary["reward_bias"] = normalize_bias(unwrapped, tokenizer, cfg)
+                log(f"reward bias {summary['reward_bias']:.4f}: {cfg.normalize_on} now scores 0 on average")
+            if cfg.ood_fit and num_labels(cfg) == 1 and cfg.kind != "orm" and accelerator.is_main_process:
+                with accelerator.autocast():
+                    detector = fit_ood(unwrapped, tokenizer, records, cfg)
+                log(f"OOD detector: fitted on {detector.n_fit} training responses, threshold {detector.threshold:.1f} "
+                    f"(the {detector.quantile:.0%} quantile of cross-fitted training responses)" if detector else
+                    "OOD detector: too few training prompts to fit one (at least 10 are needed)")
 
         def save(folder):
             if accelerator.is_main_process:
@@ -336,14 +339,15 @@ def evaluate(rm, groups: list[Group], cfg: RMConfig, stats: dict, accelerator) -
     rm.eval()
     mine = groups[accelerator.process_index:: accelerator.num_processes]
     sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=accelerator.device)}
-    for idx in eval_chunks(mine, cfg.share_prefix, cfg.micro_batch_tokens, cfg.eval_batch_size):
-        chunk = [mine[i] for i in idx]
-        loss, stat = LOSSES[cfg.kind](rm, chunk, cfg, stats)
-        sums["loss"] += loss * len(chunk)
-        for k, v in stat.items():
-            sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=accelerator.device, dtype=torch.float32)
-        if accelerator.device.type == "cpu":
-            release_freed_memory()
+    with gathered(accelerator, rm):  # processes may hold different numbers of chunks
+        for idx in eval_chunks(mine, cfg.share_prefix, cfg.micro_batch_tokens, cfg.eval_batch_size):
+            chunk = [mine[i] for i in idx]
+            loss, stat = LOSSES[cfg.kind](rm, chunk, cfg, stats)
+            sums["loss"] += loss * len(chunk)
+            for k, v in stat.items():
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=accelerator.device, dtype=torch.float32)
+            if accelerator.device.type == "cpu":
+                release_freed_memory()
     rm.train()
     totals = {k: accelerator.reduce(v, "sum").item() for k, v in sums.items()}
     return {"loss": totals["loss"] / max(len(groups), 1), **summarise(totals)}

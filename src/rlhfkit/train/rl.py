@@ -28,6 +28,7 @@ from rlhfkit.rollout.rewards import CompositeReward, reward_from
 from rlhfkit.rollout.sampler import Rollout, response_logprobs, response_values
 from rlhfkit.train.common import (
     BatchPlan,
+    gathered,
     prepare_model,
     prepare_optimisation,
     save_hf,
@@ -160,13 +161,25 @@ def prepare_rl(s: RLSetup, cfg, model, policy_of=lambda m: m):
     s.monitor.restore(s.run.metrics())  # on resume: the steps before the checkpoint
     inner = s.accelerator.unwrap_model(model)
     s.engine = make_engine(cfg.rollout, policy_of(inner), s.accelerator.device)
+    if s.accelerator.is_fsdp2 and hasattr(s.engine, "packed"):
+        # FSDP2 gathers the weights into new storage at every step and keeps their version counters:
+        # the hf engine's packed copies could not tell they went stale, so it decodes with the plain kernels
+        s.engine.packed = None
     return model, optimizer, scheduler, start, inner
 
 
 def step_generator(cfg, step: int, rank: int) -> torch.Generator:
-    """The sampling and shuffling RNG of one step on one process: a function of (seed, step, rank)
-    alone, so a resumed run samples exactly what the uninterrupted one did."""
+    """The minibatch-shuffling RNG of one step on one process: a function of (seed, step, rank) alone, so
+    a resumed run shuffles exactly as the uninterrupted one did (sampling: :func:`row_generators`)."""
     return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
+
+
+def row_generators(cfg, step: int, rank: int, rows: int) -> list[torch.Generator]:
+    """The sampling RNG of each of this process's ``rows`` responses at one step: row i's stream is a
+    function of (seed, step, the row's place in the step's whole batch) alone, so the same responses are
+    drawn whatever the number of processes, and a resumed run samples what the uninterrupted one did."""
+    first = rank * rows
+    return [torch.Generator().manual_seed(hash((cfg.seed, step, first + i)) & (2**63 - 1)) for i in range(rows)]
 
 
 def end_step(s: RLSetup, cfg, bar, step: int, metrics: dict, batch: Batch) -> None:
@@ -272,15 +285,16 @@ def finish(s: RLSetup, cfg, policy, curves: list[str]):
     """Held-out comparison with the reference (proxy and gold), curves, the report, and the final
     policy in Hugging Face format."""
     accelerator, run, summary = s.accelerator, s.run, {}
-    if s.held.ids and accelerator.is_main_process:
-        rewards = {"reward": s.reward, **({"gold": s.gold} if s.gold is not None else {})}
-        with accelerator.autocast():
-            result = compare_policies(s.engine, s.reference.engine(policy, cfg.rollout, s.accelerator.device), policy,
-                                      s.reference, s.tokenizer, rewards, s.held, cfg, seed=cfg.seed + 7)
-        (run.path / "heldout.json").write_text(json.dumps(result, indent=2))
-        summary = {f"heldout_{name}_{k}": v for name, r in result["rewards"].items() for k, v in r.items()}
-        summary["heldout_kl"] = result["kl"]
-        s.log(summary_line(result))
+    with gathered(accelerator, policy):  # on the main process only: sharded weights whole
+        if s.held.ids and accelerator.is_main_process:
+            rewards = {"reward": s.reward, **({"gold": s.gold} if s.gold is not None else {})}
+            with accelerator.autocast():
+                result = compare_policies(s.engine, s.reference.engine(policy, cfg.rollout, s.accelerator.device),
+                                          policy, s.reference, s.tokenizer, rewards, s.held, cfg, seed=cfg.seed + 7)
+            (run.path / "heldout.json").write_text(json.dumps(result, indent=2))
+            summary = {f"heldout_{name}_{k}": v for name, r in result["rewards"].items() for k, v in r.items()}
+            summary["heldout_kl"] = result["kl"]
+            s.log(summary_line(result))
     curves = curves + ["gold", "monitor/length_corr", "monitor/repetition", "monitor/distinct_2", "monitor/ood_fraction"]
     if accelerator.is_main_process and plot_curves(run.path / "metrics.jsonl", run.path / "curves.png", curves,
                                                    run.path.name):

@@ -22,6 +22,7 @@ from rlhfkit.models import count_parameters, load_causal_lm
 from rlhfkit.run import Run, check_finite, progress
 from rlhfkit.train.common import (
     backward,
+    gathered,
     optimizer_step,
     prepare_model,
     prepare_training,
@@ -132,11 +133,12 @@ def evaluate(model, examples: list[Encoded], pad_id: int, cfg: SFTConfig, accele
     mine = examples[accelerator.process_index:: accelerator.num_processes]
     nll = torch.zeros((), device=accelerator.device)
     count = torch.zeros((), device=accelerator.device)
-    for i in range(0, len(mine), cfg.micro_batch_size):
-        chunk = mine[i: i + cfg.micro_batch_size]
-        batch = {k: v.to(accelerator.device) for k, v in collate(chunk, pad_id, cfg.packing).items()}
-        labels = batch.pop("labels")
-        nll += token_nll(model(**batch, use_cache=False).logits, labels).sum()
-        count += n_supervised(chunk)
+    with gathered(accelerator, model):  # processes may hold different numbers of examples
+        for i in range(0, len(mine), cfg.micro_batch_size):
+            chunk = mine[i: i + cfg.micro_batch_size]
+            batch = {k: v.to(accelerator.device) for k, v in collate(chunk, pad_id, cfg.packing).items()}
+            labels = batch.pop("labels")
+            nll += token_nll(model(**batch, use_cache=False).logits, labels).sum()
+            count += n_supervised(chunk)
     model.train()
     return (accelerator.reduce(nll, "sum") / accelerator.reduce(count, "sum").clamp(min=1)).item()

@@ -1,0 +1,205 @@
+"""Training under the shipped accelerate configs (configs/accelerate/) on CPU processes over gloo: two
+processes under FSDP2 (and DDP) equal one process with accumulation 2 for every training stage, a
+SIGKILLed FSDP2 run resumes to the uninterrupted result, and the final/ of a sharded run is a plain
+Hugging Face folder that scores like the one-process model. DeepSpeed needs a GPU here: its configs are
+checked for what accelerate reads from them, and bench/gpu_check.sh runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import PYTHON, ROOT, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = ROOT / "configs" / "accelerate"
+ACCELERATE = str(Path(PYTHON).with_name("accelerate"))
+PROMPTS = ["How do I read a CSV file?", "What is a good first language?", "How can I sort numbers?",
+           "Explain a neural network.", "How do I count words?", "What is regression?", "How do I make a request?",
+           "What is overfitting?", "How do I reverse a string?", "What is a dictionary?", "How do I plot?",
+           "What is gradient descent?"]
+
+
+@pytest.fixture()
+def data(tmp_path) -> dict:
+    demos = [{"prompt": f"Count to {i % 7 + 1}.", "response": " ".join(str(k) for k in range(1, i % 7 + 2))}
+             for i in range(40)]
+    pairs = [{"prompt": f"Question {i}?", "chosen": f"Thank you for asking, the answer is {i}.",
+              "rejected": f"Whatever. {i}."} for i in range(40)]
+    (tmp_path / "rule.yaml").write_text("keywords: [the]\nmax_words: 5\n")
+    return {"demos": str(write_jsonl(tmp_path / "demos.jsonl", demos)),
+            "pairs": str(write_jsonl(tmp_path / "pairs.jsonl", pairs)),
+            "prompts": str(write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])),
+            "rule": f"rule:{tmp_path / 'rule.yaml'}"}
+
+
+def stage_args(stage: str, d: dict) -> list[str]:
+    """A few steps of ``stage`` on the tiny model. Each step holds 8 sequences (4 prompts x 2 samples
+    for pg), cut into micro-batches of 4: accumulation 2 on one process, 1 on each of two."""
+    rl = ["--train", d["prompts"], "--reward", d["rule"], "--batch-size", "4", "--max-new-tokens", "6",
+          "--lora-r", "4", "--eval-size", "4", "--eval-prompts", "4", "--temperature", "1.0", "--lr", "1e-3"]
+    return {
+        "sft": ["sft", "--train", d["demos"], "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "4",
+                "--lr", "3e-3", "--max-length", "64", "--eval-size", "8"],
+        "rm": ["rm", "train", "--train", d["pairs"], "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "3",
+               "--lr", "1e-3", "--eval-size", "8"],
+        "dpo": ["dpo", "--train", d["pairs"], "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "3",
+                "--lr", "1e-3", "--eval-size", "8"],
+        "pg": ["pg", "--estimator", "rloo", "--samples-per-prompt", "2", "--micro-batch-size", "4", "--max-steps", "3",
+               *rl],
+        "ppo": ["ppo", "--micro-batch-size", "2", "--max-steps", "3", "--ppo-epochs", "1", *rl],
+    }[stage] + ["--model", "tiny", "--no-progress", "--save-every", "2"]
+
+
+def cli(args: list[str], out: Path, name: str, config: str | None = None, wait=True, resume=False):
+    """One process (``config`` None) or ``accelerate launch --config_file configs/accelerate/<config>.yaml``."""
+    tail = [*args, "--output-dir", str(out), "--name", name, *(["--resume"] if resume else [])]
+    if config is None:
+        cmd = [PYTHON, "-m", "rlhfkit.cli", *tail]
+    else:
+        cmd = [ACCELERATE, "launch", "--config_file", str(CONFIGS / f"{config}.yaml"), "--main_process_port", "0",
+               "-m", "rlhfkit.cli", *tail]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-4000:]
+    return out / name
+
+
+def logged(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# what each stage logs from all processes together (the RL stages also log per-process figures)
+COMPARED = {"sft": ["loss", "grad_norm", "lr", "eval_loss"], "rm": ["loss", "accuracy", "margin", "grad_norm"],
+            "dpo": ["loss", "rewards/margins", "logps/chosen", "grad_norm", "eval_loss"],
+            "pg": ["score", "kl", "policy_loss", "grad_norm", "lr"],
+            "ppo": ["score", "kl", "policy_loss", "value_loss", "grad_norm", "lr"]}
+
+
+def assert_same_runs(a: Path, b: Path, keys: list[str], atol: float) -> None:
+    ma, mb = logged(a), logged(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    compared = 0
+    for x, y in zip(ma, mb, strict=True):
+        for k in keys:
+            if k in x or k in y:
+                assert y[k] == pytest.approx(x[k], rel=1e-4, abs=atol), (x["step"], k, x[k], y[k])
+                compared += 1
+    assert compared >= len(ma) * 2
+    wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "pg", "ppo"])
+def test_fsdp2_two_processes_equal_one_process_with_accumulation(tmp_path, data, stage):
+    """Two CPU processes under configs/accelerate/fsdp2.yaml (parameters, gradients and optimiser state
+    sharded; the RL stages gather the weights to sample) log the same losses and write the same final
+    weights as one process with accumulation 2 (the RL stages draw each response from its own stream,
+    so both sample the same responses), within float rounding."""
+    args = stage_args(stage, data)
+    one = cli(args, tmp_path / "runs", "one")
+    two = cli(args, tmp_path / "runs", "fsdp2", config="fsdp2")
+    assert_same_runs(one, two, COMPARED[stage], atol=2e-5)
+    if stage in ("pg", "ppo"):  # held out on the main process, with the gathered weights
+        held = [json.loads((run / "heldout.json").read_text())["rewards"]["reward"] for run in (one, two)]
+        assert held[1] == pytest.approx(held[0], abs=1e-4)
+    checkpoint = two / "checkpoints" / "step-00000002"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()  # sharded
+
+
+def test_ddp_config_equals_one_process(tmp_path, data):
+    """configs/accelerate/ddp.yaml (a GPU config) on a machine without a GPU: the two processes form one
+    gloo group and equal one process with accumulation 2, learning-rate schedule included (accelerate's
+    scheduler wrapper stepped it once per process per step: the schedule ran twice as fast)."""
+    args = stage_args("sft", data)
+    one = cli(args, tmp_path / "runs", "one")
+    two = cli(args, tmp_path / "runs", "ddp", config="ddp")
+    lrs = [[m["lr"] for m in logged(run) if "lr" in m] for run in (one, two)]
+    assert len(lrs[0]) == 4 and lrs[1] == pytest.approx(lrs[0], abs=1e-12)
+    assert_same_runs(one, two, COMPARED["sft"], atol=2e-5)
+
+
+def test_fsdp2_sigkill_then_resume_equals_uninterrupted(tmp_path, data):
+    """An FSDP2 run killed with SIGKILL after its step-4 checkpoint (sharded model and optimiser state)
+    and resumed with --resume ends exactly where the uninterrupted FSDP2 run does."""
+    args = stage_args("sft", data)
+    args[args.index("--max-steps") + 1] = "8"  # checkpoints every 2 steps
+    full = cli(args, tmp_path / "runs", "full", config="fsdp2")
+    killed = cli(args, tmp_path / "runs", "killed", config="fsdp2", wait=False)
+    ckpts = tmp_path / "runs" / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts / "step-00000004" / "trainer_state.json").is_file():
+        assert killed.poll() is None, killed.stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    _kill_tree(killed.pid)
+    killed.wait()
+    assert not (tmp_path / "runs" / "killed" / "final").exists()
+    resumed = cli(args, tmp_path / "runs", "killed", config="fsdp2", resume=True)
+    assert [m["step"] for m in logged(resumed) if "loss" in m] == list(range(1, 9))
+    assert_same_runs(full, resumed, COMPARED["sft"], atol=1e-6)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the launcher and every training process under it."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for child in children:
+        _kill_tree(int(child))
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("stage", ["rm", "pg"])
+def test_fsdp2_final_loads_with_transformers_and_scores_as_one_process(tmp_path, data, stage):
+    """The final/ of an FSDP2 run is a full Hugging Face folder (gathered, LoRA merged for pg) that
+    transformers loads; it gives the logits (pg: a causal LM) or scores (rm: a sequence classifier) of the
+    one-process run's final model."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    args = stage_args(stage, data)
+    one = cli(args, tmp_path / "runs", "one")
+    two = cli(args, tmp_path / "runs", "fsdp2", config="fsdp2")
+    cls = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
+    tok = AutoTokenizer.from_pretrained(two / "final")
+    batch = tok(["Question 3? Thank you for asking, the answer is 3.", "How do I plot? Use matplotlib."],
+                return_tensors="pt", padding=True)
+    outs = []
+    for run in (one, two):
+        model = cls.from_pretrained(run / "final").eval()
+        assert not any(hasattr(m, "lora_A") for m in model.modules())
+        with torch.no_grad():
+            outs.append(model(**batch).logits)
+    assert outs[0].abs().max() > 0
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3", "zero3-offload", "fsdp2-offload"])
+def test_gpu_only_configs_are_what_accelerate_reads(config):
+    """The configs that run only on GPUs (DeepSpeed ZeRO needs its CUDA ops; FSDP2's CPU offload pins
+    host memory for a GPU) parse into accelerate's launch settings with the strategy they name.
+    bench/gpu_check.sh trains every stage under them."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(CONFIGS / f"{config}.yaml"))
+    if config.startswith("zero"):
+        assert cfg.distributed_type == "DEEPSPEED"
+        ds = cfg.deepspeed_config
+        assert ds["zero_stage"] == int(config[4])
+        assert (ds.get("offload_param_device") == "cpu") == config.endswith("offload")
+        if ds["zero_stage"] == 3:
+            assert ds["zero3_save_16bit_model"] is True  # final/ gathered into one Hugging Face folder
+    else:
+        assert cfg.distributed_type == "FSDP" and cfg.fsdp_config["fsdp_offload_params"] is True
