@@ -7,7 +7,8 @@
 # 2. rollout tokens/s on the GPU: the hf engine against HF generate, batch 32 and 128 x 64 new tokens,
 #    and the vllm engine when vLLM is importable (bench/rollout.py --device cuda);
 # 3. the vLLM engine on the GPU: greedy output against the hf engine, weight sync, and the logprob
-#    mismatch with the trainer (tests/test_rollout_vllm.py with RLHFKIT_TEST_DEVICE=cuda).
+#    mismatch with the trainer (tests/test_rollout_vllm.py with RLHFKIT_TEST_DEVICE=cuda);
+# 4. every training stage for 2 steps under configs/accelerate/fsdp2.yaml and zero3.yaml (world size 1).
 #
 # The lent machines have torch, transformers, peft and accelerate but not tyro or gguf: carry them as
 # wheels in .whl/ (bench/gpu_wheels.sh fetches them here), installed below into /tmp/site. The bundled
@@ -54,5 +55,22 @@ if $PY -c "import vllm" 2>/dev/null; then
 else
   echo "== 3. the vLLM engine on the GPU: skipped, vLLM is not installed on this machine" | tee -a "$LOG"
 fi
+# 4. every training stage for 2 steps under FSDP2 and DeepSpeed ZeRO-3 at world size 1, in bf16
+declare -A ARGS=(
+  [sft]="sft --train examples/demonstrations.jsonl --batch-size 8 --micro-batch-size 4"
+  [rm]="rm train --train examples/judge-pairs.jsonl --batch-size 8 --micro-batch-size 4 --ood-fit 0"
+  [dpo]="dpo --train examples/judge-pairs.jsonl --batch-size 8 --micro-batch-size 4"
+  [pg]="pg --train examples/prompts.jsonl --reward rule:configs/rules/concise-python.yaml --estimator rloo --samples-per-prompt 4 --batch-size 4 --micro-batch-size 8 --lora-r 16 --max-new-tokens 32 --eval-prompts 0"
+  [ppo]="ppo --train examples/prompts.jsonl --reward rule:configs/rules/concise-python.yaml --batch-size 4 --micro-batch-size 4 --lora-r 16 --max-new-tokens 32 --eval-prompts 0")
+for strategy in fsdp2 zero3; do
+  if [ $strategy = zero3 ] && ! $PY -c "import deepspeed" 2>/dev/null; then
+    echo "== 4. zero3: skipped, DeepSpeed is not installed on this machine" | tee -a "$LOG"; continue
+  fi
+  for stage in sft rm dpo pg ppo; do
+    step "4. $stage under $strategy" 45 $PY -m accelerate.commands.launch --config_file configs/accelerate/$strategy.yaml \
+      --num_processes 1 --main_process_port 0 -m rlhfkit ${ARGS[$stage]} --model "$MODEL" --max-steps 2 \
+      --mixed-precision bf16 --eval-size 0 --output-dir "$OUT/runs" --name "$strategy-$stage" --no-progress
+  done
+done
 echo "gpu_check: $([ $status = 0 ] && echo ok || echo FAILED)" | tee -a "$LOG"
 exit $status

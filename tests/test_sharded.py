@@ -62,19 +62,19 @@ def stage_args(stage: str, d: dict) -> list[str]:
 
 def cli(args: list[str], out: Path, name: str, config: str | None = None, wait=True, resume=False):
     """One process (``config`` None) or ``accelerate launch --config_file configs/accelerate/<config>.yaml``."""
-    tail = [*args, "--output-dir", str(out), "--name", name, *(["--resume"] if resume else [])]
+    tail = [*args, "--output-dir", str(out), *(["--name", name] if name else []), *(["--resume"] if resume else [])]
     if config is None:
-        cmd = [PYTHON, "-m", "rlhfkit.cli", *tail]
+        cmd = [PYTHON, "-m", "rlhfkit", *tail]
     else:
         cmd = [ACCELERATE, "launch", "--config_file", str(CONFIGS / f"{config}.yaml"), "--main_process_port", "0",
-               "-m", "rlhfkit.cli", *tail]
+               "-m", "rlhfkit", *tail]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return proc
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output[-4000:]
-    return out / name
+    return out / name if name else out
 
 
 def logged(run: Path) -> list[dict]:
@@ -131,6 +131,22 @@ def test_ddp_config_equals_one_process(tmp_path, data):
     lrs = [[m["lr"] for m in logged(run) if "lr" in m] for run in (one, two)]
     assert len(lrs[0]) == 4 and lrs[1] == pytest.approx(lrs[0], abs=1e-12)
     assert_same_runs(one, two, COMPARED["sft"], atol=2e-5)
+
+
+def test_bon_two_processes_write_what_one_process_writes(tmp_path, data):
+    """bon under a two-process launch deals the prompt batches out and merges the parts in prompt order:
+    samples.jsonl, best.jsonl and pairs.jsonl equal the one-process run's. Launched without --name, the
+    processes agree on one run directory."""
+    args = ["bon", "--train", data["prompts"], "--reward", data["rule"], "--n", "3", "--batch-size", "2",
+            "--max-new-tokens", "6", "--model", "tiny", "--no-progress"]
+    one = cli(args, tmp_path / "runs", "one")
+    cli(args, tmp_path / "runs" / "launched", None, config="ddp")  # no --name: the main process's clock names it
+    [two] = list((tmp_path / "runs" / "launched").iterdir())
+    for name in ("samples", "best", "pairs"):
+        assert (two / f"{name}.jsonl").read_text() == (one / f"{name}.jsonl").read_text(), name
+    assert (one / "samples.jsonl").read_text().count("\n") == 3 * len(PROMPTS)
+    assert json.loads((two / "manifest.json").read_text())["summary"] == json.loads((one / "manifest.json").read_text())["summary"]
+    assert not list(two.glob(".bon-part-*"))
 
 
 def test_fsdp2_sigkill_then_resume_equals_uninterrupted(tmp_path, data):

@@ -241,3 +241,41 @@ def test_ppo_with_lora_under_bf16_runs(tmp_path, prompts):
 
     run = train(ppo_cfg(tmp_path, prompts, name="bf16", mixed_precision="bf16", max_steps=1, ppo_epochs=1))
     assert metrics(run)[0]["ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-2)
+
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_critic_checkpointing_gives_the_same_gradients(bf16):
+    """PPO's critic recomputed in the backward pass (--critic-checkpointing, the default) gives the loss and
+    every gradient of keeping its activations, in fp32 under the CPU kernels and under bf16 autocast."""
+    from rlhfkit.device import cpu_kernels
+    from rlhfkit.models import apply_lora, load_causal_lm
+    from rlhfkit.models.reward import init_reward_head, load_reward_model
+    from rlhfkit.rollout.sampler import Rollout
+    from rlhfkit.train.ppo import ActorCritic
+
+    torch.manual_seed(0)
+    policy = apply_lora(load_causal_lm("tiny", seed=0)[0], 4, 8)
+    critic, _ = load_reward_model("tiny", seed=1)
+    init_reward_head(critic.hf.score)
+    prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    response_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    ro = Rollout(torch.randint(5, 500, (2, 4)) * prompt_mask, prompt_mask, torch.randint(5, 500, (2, 5)),
+                 response_mask, torch.zeros(2, 5), torch.tensor([True, False]))
+    device = torch.device("cpu")
+    results = []
+    for ckpt in (False, True):
+        model = ActorCritic(policy, critic, ckpt, lambda: cpu_kernels(device))
+        model.zero_grad()
+        with cpu_kernels(device), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, values, _ = model(ro, 0.7)
+            loss = logits.logsumexp(-1).mul(response_mask).sum() * 1e-3 + (values - 1).pow(2).mul(response_mask).sum()
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (l0, g0), (l1, g1) = results
+    assert any("critic" in n for n in g0) and any("lora" in n for n in g0)
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-7, msg=n)

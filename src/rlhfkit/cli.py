@@ -35,7 +35,11 @@ def run_stage(command: str, argv: list[str]):
     stage = STAGES[command]
     cls = stage.config_class()
     cfg = parse(cls, argv, prog=f"rlhfkit {command}", description=cls.__doc__ or "")
-    return stage.entry()(cfg)
+    result = stage.entry()(cfg)
+    from rlhfkit.device import end_processes
+
+    end_processes()
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,6 +69,17 @@ def cpu_launch() -> bool:
     return world_size() > 1 and not accelerator_there
 
 
+def end_processes() -> None:
+    """Under a launch, wait for every process to finish its stage, then close the process group: a
+    process that exits while the others still write (the main process saves final/) would otherwise
+    abort in gloo's teardown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def fsdp_requested() -> bool:
     """Whether the launch config asked for FSDP (``accelerate launch`` sets ACCELERATE_USE_FSDP)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"

@@ -53,6 +53,17 @@ def check_finite(step: int, **values) -> None:
         raise NonFiniteError(f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}")
 
 
+def main_process_value(value):
+    """``value`` as the main process has it, on every process of a launch (itself when there is one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
 def file_digest(path: str | Path) -> dict:
     """sha256 of a file, or of a folder's file names, sizes and small-file contents."""
     path = Path(path)
@@ -118,8 +129,8 @@ class Run:
             if name is None:
                 raise ConfigError(f"--resume: no unfinished {stage} run in {root}; pass --name")
             cfg.name = name
-        if not name:
-            name = cfg.name = f"{stage}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        if not name:  # the main process's clock names it: the others may have passed a second already
+            name = cfg.name = main_process_value(f"{stage}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
         run = cls(root / name, stage, is_main)
         run.keep = max(1, cfg.keep_checkpoints)
         saved = run.path / "config.yaml"

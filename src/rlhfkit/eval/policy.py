@@ -80,10 +80,12 @@ def compare_policies(engine: RolloutEngine, ref_engine: RolloutEngine, policy, r
             texts[side] += text
             for name, reward in rewards.items():
                 scores[name][side] += score_texts(reward, records, text, ro, cfg.missing_eos_penalty)[0].tolist()
-        pol = rollouts["policy"]
-        logp = response_logprobs(policy, pol, temperature)
-        ref_logp = reference.logprobs(policy, pol, temperature)
-        kl += (kl_penalty(logp, ref_logp, "k1") * pol.response_mask).sum(-1).tolist()
+        step = getattr(cfg, "micro_batch_size", batch_size)  # the trainer's micro-batch bounds the logits' memory
+        for i in range(0, len(ids), step):
+            pol = rollouts["policy"].select(slice(i, i + step))
+            logp = response_logprobs(policy, pol, temperature)
+            ref_logp = reference.logprobs(policy, pol, temperature)
+            kl += (kl_penalty(logp, ref_logp, "k1") * pol.response_mask).sum(-1).tolist()
     n = len(kl)
     result = {"prompts": n, "temperature": temperature,
               "kl": sum(kl) / n, "kl_se": paired(kl, [0.0] * n)["difference_se"],

@@ -18,8 +18,10 @@ import json
 from dataclasses import dataclass
 
 import torch
+from accelerate import PartialState
 
 from rlhfkit.config import DataArgs, ModelArgs, RunArgs, print_config
+from rlhfkit.device import cpu_launch
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.kl import best_of_n_kl
 from rlhfkit.rollout.engine import load_engine
@@ -52,42 +54,65 @@ def best_of(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run(cfg: BoNConfig) -> Run:
     cfg.resolve()
-    print_config(cfg)
-    run = Run.open(cfg, "bon", inputs={"train": cfg.train, "model": cfg.model})
+    state = PartialState(cpu=cpu_launch())  # under accelerate launch: the prompts' batches are dealt out
+    main = state.is_main_process
+    if main:
+        print_config(cfg)
+    run = Run.open(cfg, "bon", inputs={"train": cfg.train, "model": cfg.model}, is_main=main)
     engine, tokenizer = load_engine(cfg.rollout, cfg.model, seed=cfg.seed)
     reward = reward_from(cfg, cfg.reward, engine.device)
     prompts = prompts_from(cfg, tokenizer)
     records = prompts.records
-    first, best, worst = [], [], []
-    files = {name: open(run.path / f"{name}.jsonl", "w") for name in ("samples", "best", "pairs")}
-    try:
-        for start in progress(range(0, len(records), cfg.batch_size), cfg.progress, f"best-of-{cfg.n}"):
+    starts = range(0, len(records), cfg.batch_size)
+    part = run.path / f".bon-part-{state.process_index}.jsonl"  # this process's batches, merged below
+    with open(part, "w") as out:
+        for start in progress(starts[state.process_index:: state.num_processes], main and cfg.progress,
+                              f"best-of-{cfg.n}"):
             idx = list(range(start, min(start + cfg.batch_size, len(records))))
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
             batch = rollout_phase(engine, tokenizer, reward, prompts, idx, cfg.n, cfg, g)
-            scores = batch.scores.view(len(idx), cfg.n)
-            hi, lo = best_of(scores)
-            for j, i in enumerate(idx):
-                rec, texts = records[i], batch.texts[j * cfg.n: (j + 1) * cfg.n]
-                for s, (text, score) in enumerate(zip(texts, scores[j].tolist())):
-                    files["samples"].write(json.dumps({"prompt": rec.prompt, "response": text, "score": score,
-                                                       "sample": s, "source": rec.source}) + "\n")
-                files["best"].write(json.dumps({"prompt": rec.prompt, "response": texts[hi[j]],
-                                                "score": scores[j, hi[j]].item()}) + "\n")
-                if scores[j, hi[j]] > scores[j, lo[j]]:  # a tie says nothing about preference
-                    files["pairs"].write(json.dumps({"prompt": rec.prompt, "chosen": texts[hi[j]],
-                                                     "rejected": texts[lo[j]]}) + "\n")
-            first += scores[:, 0].tolist()
-            best += scores.max(1).values.tolist()
-            worst += scores.min(1).values.tolist()
-    finally:
-        for f in files.values():
-            f.close()
-    summary = {"prompts": len(records), "n": cfg.n, "mean_score_n1": sum(first) / len(first),
-               "mean_score_best": sum(best) / len(best), "mean_score_worst": sum(worst) / len(worst),
-               "kl_bon": best_of_n_kl(cfg.n)}
-    run.finish(**summary)
-    print(f"best-of-{cfg.n} on {len(records)} prompts: mean score {summary['mean_score_best']:.4f} "
-          f"(one sample: {summary['mean_score_n1']:.4f}) at KL_bon = log n - (n-1)/n = {summary['kl_bon']:.4f}\n"
-          f"SFT data: {run.path / 'best.jsonl'}; preference pairs: {run.path / 'pairs.jsonl'}")
+            out.write(json.dumps({"start": start, **best_of_batch([records[i] for i in idx], batch.texts,
+                                                                   batch.scores.view(len(idx), cfg.n))}) + "\n")
+    state.wait_for_everyone()
+    if main:
+        summary = merge_parts(run.path, state.num_processes, len(records), cfg.n)
+        run.finish(**summary)
+        print(f"best-of-{cfg.n} on {len(records)} prompts: mean score {summary['mean_score_best']:.4f} "
+              f"(one sample: {summary['mean_score_n1']:.4f}) at KL_bon = log n - (n-1)/n = {summary['kl_bon']:.4f}\n"
+              f"SFT data: {run.path / 'best.jsonl'}; preference pairs: {run.path / 'pairs.jsonl'}")
+    state.wait_for_everyone()
     return run
+
+
+def best_of_batch(records, texts: list[str], scores: torch.Tensor) -> dict:
+    """The lines of samples.jsonl, best.jsonl and pairs.jsonl for one batch of prompts, and its scores."""
+    n = scores.shape[1]
+    hi, lo = best_of(scores)
+    lines: dict = {"samples": [], "best": [], "pairs": []}
+    for j, rec in enumerate(records):
+        mine = texts[j * n: (j + 1) * n]
+        for s, (text, score) in enumerate(zip(mine, scores[j].tolist())):
+            lines["samples"].append({"prompt": rec.prompt, "response": text, "score": score, "sample": s,
+                                     "source": rec.source})
+        lines["best"].append({"prompt": rec.prompt, "response": mine[hi[j]], "score": scores[j, hi[j]].item()})
+        if scores[j, hi[j]] > scores[j, lo[j]]:  # a tie says nothing about preference
+            lines["pairs"].append({"prompt": rec.prompt, "chosen": mine[hi[j]], "rejected": mine[lo[j]]})
+    return {**lines, "first": scores[:, 0].tolist(), "top": scores.max(1).values.tolist(),
+            "bottom": scores.min(1).values.tolist()}
+
+
+def merge_parts(folder, parts: int, prompts: int, n: int) -> dict:
+    """samples.jsonl, best.jsonl and pairs.jsonl in prompt order from every process's part; the summary."""
+    batches = []
+    for rank in range(parts):
+        path = folder / f".bon-part-{rank}.jsonl"
+        batches += [json.loads(line) for line in path.read_text().splitlines()]
+        path.unlink()
+    batches.sort(key=lambda b: b["start"])
+    for name in ("samples", "best", "pairs"):
+        with open(folder / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for b in batches for row in b[name])
+    first, top, bottom = ([x for b in batches for x in b[key]] for key in ("first", "top", "bottom"))
+    return {"prompts": prompts, "n": n, "mean_score_n1": sum(first) / len(first),
+            "mean_score_best": sum(top) / len(top), "mean_score_worst": sum(bottom) / len(bottom),
+            "kl_bon": best_of_n_kl(n)}

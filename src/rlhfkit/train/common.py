@@ -150,9 +150,12 @@ def save_hf(accelerator, model, tokenizer, folder) -> None:
     plain = full_model(accelerator, model)
     if not accelerator.is_main_process:
         return
+    if accelerator.device.type == "cpu":
+        release_freed_memory()  # what sampling and evaluation left: the copy below fits in it
     if hasattr(plain, "merge_and_unload") or any(p.dtype != torch.float32 for p in plain.parameters()):
         plain = merged((copy.deepcopy(plain) if plain is unwrapped else plain).float())  # merge in fp32, save fp32
-    plain.save_pretrained(folder, safe_serialization=True)
+    # safetensors holds each file's bytes in memory while writing it: files of at most 200 MB
+    plain.save_pretrained(folder, safe_serialization=True, max_shard_size="200MB")
     tokenizer.save_pretrained(folder)
 
 
@@ -281,6 +284,8 @@ def prepare_optimisation(accelerator, run, cfg, model, updates: int, log):
         keep_skeleton(model)
         broadcast_weights(model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if accelerator.device.type == "cpu":
+        release_freed_memory()  # the fp32 weights that bf16 storage and sharding replaced
     start = run.load_checkpoint(accelerator)["step"] if cfg.resume else 0
     if start:
         log(f"resumed {run.path} at step {start}")

@@ -20,6 +20,7 @@ actor-critic loss -A*log pi + vf_coef * 0.5 (V - R)^2.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import time
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
 from rlhfkit.data import load_records
@@ -81,6 +83,10 @@ class PPOConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, Correctio
     """'a2c': one epoch, one minibatch, no clipping (the advantage actor-critic of seed 004)."""
     critic: str = ""
     """Backbone of the value model ('' : the reward model when --reward is one, else the policy's model)."""
+    critic_checkpointing: bool = True
+    """Recompute the critic's activations in the backward pass instead of keeping them: the update then
+    holds one model's activations at a time, not two (one more critic forward per micro-batch; the
+    gradients are the same)."""
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
     num_minibatches: int = 1
@@ -138,15 +144,27 @@ class PPOConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, Correctio
 class ActorCritic(nn.Module):
     """Policy and value model as one module, so one optimiser and one DDP wrapper see both."""
 
-    def __init__(self, policy, critic):
+    def __init__(self, policy, critic, checkpoint_critic: bool = False, kernels=contextlib.nullcontext):
         super().__init__()
-        self.policy, self.critic = policy, critic
+        self.policy, self.critic, self.checkpoint_critic = policy, critic, checkpoint_critic
+        self.kernels = kernels  # the stage's CPU kernels, entered again around the critic's recomputation
 
     def forward(self, rollout: Rollout, temperature: float, lm_batch: dict | None = None):
+        # the critic runs first: the backward pass reaches it last, after the policy's backward has freed
+        # the policy's activations, and with checkpointing only then recomputes the critic's
+        if self.checkpoint_critic:
+            values = checkpoint(self._values, rollout, use_reentrant=False)
+        else:
+            values = response_values(self.critic, rollout)
         logits = response_logits(self.policy, rollout, temperature)
-        values = response_values(self.critic, rollout)
         lm_logits = self.policy(**lm_batch, use_cache=False).logits if lm_batch is not None else None
         return logits, values, lm_logits
+
+    def _values(self, rollout: Rollout):
+        """The critic's values, the same kernels in the forward pass and in its recomputation (the
+        backward pass runs outside the stage's TorchFunctionMode)."""
+        with self.kernels():
+            return response_values(self.critic, rollout)
 
 
 def load_critic(cfg):
@@ -192,10 +210,13 @@ def run(cfg: PPOConfig) -> Run:
         critic, critic_spec = load_critic(cfg)
         ptx = load_ptx(cfg, s.tokenizer) if cfg.ptx_coef else None
         s.log(f"critic: {critic_spec} with a zero-initialised value head")
-        model, optimizer, scheduler, start, inner = prepare_rl(s, cfg, ActorCritic(s.policy, critic),
-                                                               policy_of=lambda m: m.policy)
+        def kernels_of_stage():  # the trainer's passes: oneDNN for fp32 linears on a CPU
+            return cpu_kernels(accelerator.device, cfg.gradient_checkpointing)
+
+        kernels = kernels_of_stage()
+        actor_critic = ActorCritic(s.policy, critic, cfg.critic_checkpointing, kernels_of_stage)
+        model, optimizer, scheduler, start, inner = prepare_rl(s, cfg, actor_critic, policy_of=lambda m: m.policy)
         T, world = cfg.temperature, accelerator.num_processes
-        kernels = cpu_kernels(accelerator.device, cfg.gradient_checkpointing)  # the trainer's passes: oneDNN for fp32 linears on a CPU
 
         bar = progress(range(start, s.steps), accelerator.is_main_process and cfg.progress, "ppo", start, s.steps)
         for step in bar:
@@ -263,6 +284,8 @@ def run(cfg: PPOConfig) -> Run:
                 metrics.update({f"reward/{k}": v for k, v in reward.last_terms.items()})
             end_step(s, cfg, bar, step, metrics, batch)
 
+        if not accelerator.is_fsdp2:  # (sharded, its shards are part of the model final/ is gathered from)
+            inner.critic.to("meta")  # trained and checkpointed; not needed for the comparison or final/: freed
         return finish(s, cfg, inner.policy, CURVES)
 
 

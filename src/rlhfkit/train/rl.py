@@ -31,6 +31,7 @@ from rlhfkit.train.common import (
     gathered,
     prepare_model,
     prepare_optimisation,
+    release_freed_memory,
     save_hf,
     should_save,
     start_stage,
@@ -155,6 +156,9 @@ def prepare_rl(s: RLSetup, cfg, model, policy_of=lambda m: m):
     """Optimiser over every update of the run, ``accelerator.prepare``, resume; the reference on the
     device; the rollout engine over the prepared policy (``policy_of`` picks it out of the unwrapped
     model). Returns (model, optimizer, scheduler, start step, the unwrapped model)."""
+    if s.accelerator.is_fsdp2 and cfg.rollout != "hf":
+        raise ConfigError(f"--rollout {cfg.rollout} under FSDP: its weight sync needs whole tensors, not shards; "
+                          "use --rollout hf (it samples with the gathered weights) or DDP")
     updates = s.steps * cfg.ppo_epochs * cfg.num_minibatches
     model, optimizer, scheduler, start = prepare_optimisation(s.accelerator, s.run, cfg, model, updates, s.log)
     s.reference.to(s.accelerator.device)
@@ -237,6 +241,8 @@ def logprob_phase(policy, reference: Reference, rollout: Rollout, temperature: f
         ref.append(widen(reference.logprobs(policy, sub, temperature, group), width))
         if critic is not None:
             values.append(widen(response_values(critic, sub), width))
+    if rollout.response_ids.device.type == "cpu":
+        release_freed_memory()  # the passes' logits: the update starts from what is live
     return torch.cat(old), torch.cat(ref), (torch.cat(values) if critic is not None else None)
 
 
