@@ -9,8 +9,10 @@ the report says which part needs the memory.
     .venv/bin/python bench/memory.py                              # ppo and pg (the rule configs), 2 steps
     .venv/bin/python bench/memory.py --stages sft,rm,dpo,pg,ppo --steps 3
     .venv/bin/python bench/memory.py --stages pg --set gradient_checkpointing=true   # any config override
+    .venv/bin/python bench/memory.py --launch fsdp2 --processes 2  # under configs/accelerate/fsdp2.yaml
 
-Prints one JSON line per stage (peak GB, peak per phase, seconds), then a table.
+Prints one JSON line per stage and process (peak GB, peak per phase, seconds), then a table. GB here are
+2^30 bytes, as in the other benchmarks (``ru_maxrss / 2**20``).
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RULE = f"rule:{ROOT / 'configs' / 'rules' / 'concise-python.yaml'}"
 PROMPTS = str(ROOT / "examples" / "prompts.jsonl")
 
-# (command, config, overrides): each stage at a shipped config's size, on data in the repository
+HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+PAIRS = str(HH if HH.is_file() else ROOT / "examples" / "judge-pairs.jsonl")  # HH-RLHF when ../shared has it
+
+# (command, config, overrides): each stage at a shipped config's size (a short held-out set)
 STAGES = {
     "sft": (["sft"], "demo-sft.yaml", {"train": str(ROOT / "examples" / "demonstrations.jsonl"), "eval_size": 8}),
-    "rm": (["rm", "train"], "hh-harmless-rm.yaml", {"train": str(ROOT / "examples" / "judge-pairs.jsonl"),
-                                                    "eval_size": 4, "ood_fit": 0}),
-    "dpo": (["dpo"], "hh-harmless-dpo.yaml", {"train": str(ROOT / "examples" / "judge-pairs.jsonl"), "eval_size": 4}),
+    "rm": (["rm", "train"], "hh-harmless-rm.yaml", {"train": PAIRS, "eval_size": 16, "ood_fit": 0}),
+    "dpo": (["dpo"], "hh-harmless-dpo.yaml", {"train": PAIRS, "eval_size": 16}),
     "ppo": (["ppo"], "ppo-rule.yaml", {"train": PROMPTS, "reward": RULE}),
     "pg": (["pg"], "rloo-rule.yaml", {"train": PROMPTS, "reward": RULE}),
 }
@@ -45,6 +49,9 @@ def main() -> None:
     ap.add_argument("--stages", default="ppo,pg")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], help="a config override KEY=VALUE (repeatable)")
+    ap.add_argument("--launch", default="", help="a config of configs/accelerate (e.g. fsdp2): run each stage "
+                    "under accelerate launch with --processes processes and report every process's peak")
+    ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -52,18 +59,28 @@ def main() -> None:
     rows = []
     for stage in args.stages.split(","):
         with tempfile.TemporaryDirectory() as out:
-            cmd = [sys.executable, __file__, "--child", stage, "--steps", str(args.steps), *[f"--set={s}" for s in args.set]]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RLHFKIT_BENCH_OUT": out})
-        line = next((x for x in proc.stdout.splitlines()[::-1] if x.startswith("{")), None)
-        if proc.returncode or line is None:
+            cmd = [__file__, "--child", stage, "--steps", str(args.steps), *[f"--set={s}" for s in args.set]]
+            if args.launch:
+                cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+                       str(ROOT / "configs" / "accelerate" / f"{args.launch}.yaml"), "--num_processes",
+                       str(args.processes), "--main_process_port", "0", *cmd]
+            else:
+                cmd = [sys.executable, *cmd]
+            env = {**os.environ, "RLHFKIT_BENCH_OUT": out, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")
+                   if args.launch else os.environ.get("OMP_NUM_THREADS", "")}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={k: v for k, v in env.items() if v})
+            lines = [json.loads(p.read_text()) for p in sorted(Path(out).glob("memory-rank*.json"))]
+        if proc.returncode or not lines:
             print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"{stage} failed")
-        print(line, flush=True)
-        rows.append(json.loads(line))
-    print(f"\n{'stage':<6} {'peak GB':>8}  {'where':<10} phases (GB)")
+        for line in lines:
+            line["strategy"] = args.launch or "one process"
+            print(json.dumps(line), flush=True)
+        rows += sorted(lines, key=lambda r: r["rank"])
+    print(f"\n{'stage':<6} {'rank':>4} {'peak GB':>8}  {'where':<10} phases (GB)")
     for r in rows:
         phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items())
-        print(f"{r['stage']:<6} {r['peak_gb']:>8.2f}  {r['peak_phase']:<10} {phases}")
+        print(f"{r['stage']:<6} {r['rank']:>4} {r['peak_gb']:>8.2f}  {r['peak_phase']:<10} {phases}")
 
 
 class Sampler(threading.Thread):
@@ -130,7 +147,7 @@ def child(args) -> None:
     for item in args.set:
         key, value = item.split("=", 1)
         cfg[key] = yaml.safe_load(value)
-    path = Path(os.environ["RLHFKIT_BENCH_OUT"]) / "config.yaml"
+    path = Path(os.environ["RLHFKIT_BENCH_OUT"]) / f"config-rank{os.environ.get('RANK', '0')}.yaml"
     path.write_text(yaml.safe_dump(cfg))
 
     sampler = Sampler()
@@ -147,12 +164,13 @@ def child(args) -> None:
     t0 = time.time()
     cli([*command, "--config", str(path)])
     sampler.mark("end")
-    phases = {k: round(v / 1e9, 3) for k, v in sampler.peaks.items() if k != "end"}
+    phases = {k: round(v / 2**30, 3) for k, v in sampler.peaks.items() if k != "end"}  # GB = 2^30 bytes, as elsewhere
     peak = max(phases, key=phases.get)
-    print(json.dumps({"stage": stage, "config": config, "steps": args.steps, "overrides": args.set,
-                      "measure": "cuda max_memory_allocated" if sampler.cuda else "RSS",
-                      "peak_gb": phases[peak], "peak_phase": peak, "phases": phases,
-                      "seconds": round(time.time() - t0, 1)}))
+    rank = int(os.environ.get("RANK", "0"))  # each process writes its own file: printed lines would interleave
+    (Path(os.environ["RLHFKIT_BENCH_OUT"]) / f"memory-rank{rank}.json").write_text(json.dumps({
+        "stage": stage, "rank": rank, "config": config, "steps": args.steps, "overrides": args.set,
+        "measure": "cuda max_memory_allocated" if sampler.cuda else "RSS", "peak_gb": phases[peak],
+        "peak_phase": peak, "phases": phases, "seconds": round(time.time() - t0, 1)}))
 
 
 if __name__ == "__main__":

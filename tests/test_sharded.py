@@ -149,6 +149,17 @@ def test_bon_two_processes_write_what_one_process_writes(tmp_path, data):
     assert not list(two.glob(".bon-part-*"))
 
 
+@pytest.mark.parametrize("stage,flags,message", [
+    ("rm", ["--micro-batch-tokens", "256"], "--micro-batch-tokens under FSDP"),
+    ("pg", ["--rollout", "vllm"], "--rollout vllm under FSDP")])
+def test_what_fsdp2_cannot_do_is_refused_with_the_reason(tmp_path, data, stage, flags, message):
+    """Under fsdp2.yaml, token-budget micro-batches (a different number of sharded passes per process)
+    and the vllm engine (its weight sync reads whole tensors) stop with a ConfigError naming the flag."""
+    proc = cli([*stage_args(stage, data), *flags], tmp_path / "runs", "refused", config="fsdp2", wait=False)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and message in out, out[-3000:]
+
+
 def test_fsdp2_sigkill_then_resume_equals_uninterrupted(tmp_path, data):
     """An FSDP2 run killed with SIGKILL after its step-4 checkpoint (sharded model and optimiser state)
     and resumed with --resume ends exactly where the uninterrupted FSDP2 run does."""
@@ -219,3 +230,17 @@ def test_gpu_only_configs_are_what_accelerate_reads(config):
             assert ds["zero3_save_16bit_model"] is True  # final/ gathered into one Hugging Face folder
     else:
         assert cfg.distributed_type == "FSDP" and cfg.fsdp_config["fsdp_offload_params"] is True
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_deepspeed_two_processes_equal_one_process(tmp_path, data, config):
+    """Under DeepSpeed ZeRO, sft on two processes gives the losses of one process with accumulation 2."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None or torch.cuda.device_count() < 2:
+        pytest.skip("DeepSpeed ZeRO needs deepspeed (pip install 'rlhfkit[deepspeed]') and two CUDA GPUs here; "
+                    "bench/gpu_check.sh runs every stage under zero3.yaml on one")
+    args = [*stage_args("sft", data), "--mixed-precision", "no"]
+    one = cli(args, tmp_path / "runs", "one")
+    two = cli(args, tmp_path / "runs", config, config=config)
+    assert_same_runs(one, two, ["loss"], atol=1e-4)

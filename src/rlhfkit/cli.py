@@ -13,6 +13,7 @@ import sys
 
 from rlhfkit import __version__
 from rlhfkit.config import parse
+from rlhfkit.device import end_processes
 from rlhfkit.errors import RlhfkitError, Waiting
 from rlhfkit.stages import STAGES
 
@@ -36,8 +37,6 @@ def run_stage(command: str, argv: list[str]):
     cls = stage.config_class()
     cfg = parse(cls, argv, prog=f"rlhfkit {command}", description=cls.__doc__ or "")
     result = stage.entry()(cfg)
-    from rlhfkit.device import end_processes
-
     end_processes()
     return result
 
