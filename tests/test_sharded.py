@@ -182,11 +182,11 @@ def test_fsdp2_sigkill_then_resume_equals_uninterrupted(tmp_path, data):
 
 
 def _kill_tree(pid: int) -> None:
-    """SIGKILL the launcher and every training process under it."""
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    for child in children:
-        _kill_tree(int(child))
-    os.kill(pid, signal.SIGKILL)
+    """SIGKILL the launcher and every training process under it (psutil comes with accelerate)."""
+    import psutil
+
+    for proc in [*psutil.Process(pid).children(recursive=True), psutil.Process(pid)]:
+        proc.send_signal(signal.SIGKILL)
 
 
 @pytest.mark.parametrize("stage", ["rm", "pg"])
