@@ -89,6 +89,7 @@ class Sampler(threading.Thread):
     def __init__(self):
         super().__init__(daemon=True)
         self.phase, self.peaks, self.page = "load", {}, os.sysconf("SC_PAGE_SIZE")
+        self.timeline = [["load", 0]]  # each phase as it came, with its own peak: where in the run a peak fell
         self.cuda = None
 
     def rss(self) -> int:
@@ -98,10 +99,12 @@ class Sampler(threading.Thread):
     def mark(self, phase: str) -> None:
         self.take()
         self.phase = phase
+        self.timeline.append([phase, 0])
 
     def take(self) -> None:
         used = self.rss() if self.cuda is None else self.cuda.max_memory_allocated()
         self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), used)
+        self.timeline[-1][1] = max(self.timeline[-1][1], used)
         if self.cuda is not None:
             self.cuda.reset_peak_memory_stats()
 
@@ -159,6 +162,7 @@ def child(args) -> None:
     for module in (sft, rm, dpo):
         wrap(module, "prepare_training", sampler, "load", after="train")
     wrap(rl, "compare_policies", sampler, "held-out")
+    wrap(run_module.Run, "save_checkpoint", sampler, "checkpoint")
     wrap(run_module.Run, "save_final", sampler, "save")
     sampler.start()
     t0 = time.time()
@@ -170,7 +174,8 @@ def child(args) -> None:
     (Path(os.environ["RLHFKIT_BENCH_OUT"]) / f"memory-rank{rank}.json").write_text(json.dumps({
         "stage": stage, "rank": rank, "config": config, "steps": args.steps, "overrides": args.set,
         "measure": "cuda max_memory_allocated" if sampler.cuda else "RSS", "peak_gb": phases[peak],
-        "peak_phase": peak, "phases": phases, "seconds": round(time.time() - t0, 1)}))
+        "peak_phase": peak, "phases": phases, "seconds": round(time.time() - t0, 1),
+        "timeline": [[p, round(v / 2**30, 3)] for p, v in sampler.timeline]}))
 
 
 if __name__ == "__main__":

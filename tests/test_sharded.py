@@ -151,10 +151,12 @@ def test_bon_two_processes_write_what_one_process_writes(tmp_path, data):
 
 @pytest.mark.parametrize("stage,flags,message", [
     ("rm", ["--micro-batch-tokens", "256"], "--micro-batch-tokens under FSDP"),
-    ("pg", ["--rollout", "vllm"], "--rollout vllm under FSDP")])
+    ("pg", ["--rollout", "vllm"], "--rollout vllm under FSDP"),
+    ("dpo", ["--load-in-4bit", "--lora-r", "4"], "--load-in-4bit under FSDP")])
 def test_what_fsdp2_cannot_do_is_refused_with_the_reason(tmp_path, data, stage, flags, message):
-    """Under fsdp2.yaml, token-budget micro-batches (a different number of sharded passes per process)
-    and the vllm engine (its weight sync reads whole tensors) stop with a ConfigError naming the flag."""
+    """Under fsdp2.yaml, token-budget micro-batches (a different number of sharded passes per process),
+    the vllm engine (its weight sync reads whole tensors) and a 4-bit base (bitsandbytes' weights are not
+    sharded here) stop with a ConfigError naming the flag."""
     proc = cli([*stage_args(stage, data), *flags], tmp_path / "runs", "refused", config="fsdp2", wait=False)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0 and message in out, out[-3000:]

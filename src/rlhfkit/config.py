@@ -38,6 +38,10 @@ class ModelArgs:
     """Dropout on the LoRA input (kept 0 for RL stages)."""
     lora_targets: str = "all-linear"
     """Modules that get LoRA: 'all-linear' or a comma list such as 'q_proj,v_proj'."""
+    load_in_4bit: bool = False
+    """QLoRA: keep the frozen base in 4-bit NF4 (bitsandbytes, the 'qlora' extra) and train a LoRA adapter
+    on it (needs --lora-r). The reference is the 4-bit base with the adapter off; final/ is the de-quantised
+    base with the adapter merged, in fp32."""
     trainable_layers: int = 0
     """Train only the top N transformer layers (plus the head and final norm); 0 trains them all.
     The frozen bottom needs no backward pass: about a third less compute at N = half the layers."""

@@ -129,6 +129,15 @@ def resolve_device(device: torch.device | None = None) -> torch.device:
     return device if device is not None else select_device()
 
 
+def is_sharded(model) -> bool:
+    """Whether FSDP2 shards ``model`` or a module inside it."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def place(model, device: torch.device | None = None):
     """Move ``model`` to ``device`` (default: :func:`select_device`) and return it. The one place a
     model that is not prepared by an accelerator (reward models, judges, sampling-only policies)

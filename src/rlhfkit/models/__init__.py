@@ -11,9 +11,9 @@ from rlhfkit.models.loading import (
     rlhfkit_home,
     tiny_model,
 )
-from rlhfkit.models.lora import apply_lora, count_parameters, merged
+from rlhfkit.models.lora import apply_lora, count_parameters, merged, merged_fp32
 
 __all__ = [
     "BUNDLED", "ModelNotFound", "apply_lora", "count_parameters", "disable_dropout", "ensure_pad_token",
-    "load_causal_lm", "load_tokenizer", "merged", "resolve_model_path", "rlhfkit_home", "tiny_model",
+    "load_causal_lm", "load_tokenizer", "merged", "merged_fp32", "resolve_model_path", "rlhfkit_home", "tiny_model",
 ]

@@ -183,19 +183,31 @@ def tiny_model(spec: str = "tiny", seed: int = 0, vocab_size: int = 49152):
         return AutoModelForCausalLM.from_config(tiny_config(spec, vocab_size), dtype=torch.float32)
 
 
-def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """Load (model, tokenizer) for a spec. The model is in eval mode on the CPU; callers move it."""
+def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, quantization=None):
+    """Load (model, tokenizer) for a spec. The model is in eval mode on the CPU; callers move it.
+    ``quantization``: a transformers quantisation config (QLoRA's 4-bit base, models/quant.py)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(spec)
     if spec.startswith("tiny"):
         model = tiny_model(spec, seed=seed, vocab_size=len(tokenizer)).to(dtype)
+        if quantization is not None:
+            model = reload_quantized(model, AutoModelForCausalLM, quantization, dtype)
     else:
         folder = resolve_model_path(spec)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
+                                                     quantization_config=quantization)
     ensure_pad_token(tokenizer, model)
     model.eval()
     return model, tokenizer
+
+
+def reload_quantized(model, auto_class, quantization, dtype: torch.dtype):
+    """A model built in memory (``tiny``) quantised the way ``from_pretrained`` quantises a folder: saved
+    to a temporary folder and loaded back with ``quantization``."""
+    with tempfile.TemporaryDirectory(prefix="rlhfkit-quantize-") as folder:
+        model.save_pretrained(folder, safe_serialization=True)
+        return auto_class.from_pretrained(folder, dtype=dtype, local_files_only=True, quantization_config=quantization)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -3,7 +3,11 @@ adapter disabled (``with model.disable_adapter():``), not a second copy in memor
 
 from __future__ import annotations
 
+import copy
+
 import torch
+
+from rlhfkit.models.quant import dequantized, is_4bit
 
 
 def apply_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float = 0.0,
@@ -24,6 +28,17 @@ def apply_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float = 0.
 def merged(model: torch.nn.Module) -> torch.nn.Module:
     """The plain transformers model: LoRA weights merged in, or ``model`` itself without an adapter."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def merged_fp32(model: torch.nn.Module, copied: bool = True) -> torch.nn.Module:
+    """``model`` as a plain fp32 transformers model to save: LoRA merged in fp32 (a 4-bit base de-quantised
+    first, models/quant.py), lower-precision frozen weights back in fp32; ``model`` itself when it is
+    already plain fp32. ``copied=False``: ``model`` is a throwaway copy, converted in place."""
+    if is_4bit(model):
+        return dequantized(model)
+    if not hasattr(model, "merge_and_unload") and all(p.dtype == torch.float32 for p in model.parameters()):
+        return model
+    return merged((copy.deepcopy(model) if copied else model).float())
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -22,7 +22,14 @@ from torch import nn
 
 from rlhfkit.data.batching import length_batches
 from rlhfkit.data.template import encode_prompt, encode_response, pad, position_ids, truncate
-from rlhfkit.models.loading import ensure_pad_token, load_tokenizer, resolve_model_path, tiny_config
+from rlhfkit.models.loading import (
+    ensure_pad_token,
+    load_tokenizer,
+    reload_quantized,
+    resolve_model_path,
+    tiny_config,
+)
+from rlhfkit.models.lora import merged_fp32
 
 BIAS_KEY = "rlhfkit_reward_bias"  # config field: score = head output - bias (reference §1d)
 
@@ -160,9 +167,10 @@ def pack_shared_prefix(prompts: list[list[int]], responses: list[list[list[int]]
     return input_ids, mask[:, None], positions, starts
 
 
-def load_reward_model(spec: str, num_labels: int = 1, seed: int = 0, dtype=torch.float32):
+def load_reward_model(spec: str, num_labels: int = 1, seed: int = 0, dtype=torch.float32, quantization=None):
     """(RewardModel, tokenizer) for a spec. A saved reward model (``*ForSequenceClassification``)
-    loads as it is; a causal LM gets a fresh head initialised N(0, 1/sqrt(d+1)) from ``seed``."""
+    loads as it is; a causal LM gets a fresh head initialised N(0, 1/sqrt(d+1)) from ``seed``.
+    ``quantization``: a transformers quantisation config (QLoRA's 4-bit base; the head stays fp32)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(spec)
@@ -172,6 +180,8 @@ def load_reward_model(spec: str, num_labels: int = 1, seed: int = 0, dtype=torch
             config = tiny_config(spec, vocab_size=len(tokenizer))
             config.num_labels = num_labels
             hf = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+            if quantization is not None:
+                hf = reload_quantized(hf, AutoModelForSequenceClassification, quantization, dtype)
             fresh = True
         else:
             folder = resolve_model_path(spec)
@@ -179,7 +189,7 @@ def load_reward_model(spec: str, num_labels: int = 1, seed: int = 0, dtype=torch
             fresh = not any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
             kwargs = {"num_labels": num_labels} if fresh else {}
             hf = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
-                                                                    **kwargs)
+                                                                    quantization_config=quantization, **kwargs)
         if fresh:
             init_reward_head(hf.score)
     ensure_pad_token(tokenizer, hf)
@@ -190,12 +200,9 @@ def load_reward_model(spec: str, num_labels: int = 1, seed: int = 0, dtype=torch
 def save_reward_model(model: RewardModel | nn.Module, tokenizer, folder, state_dict=None) -> None:
     """Save as ``AutoModelForSequenceClassification`` (LoRA merged), with the tokenizer."""
     hf = model.hf if isinstance(model, RewardModel) else model
-    if hasattr(hf, "merge_and_unload") or any(p.dtype != torch.float32 for p in hf.parameters()):
-        import copy
-
-        hf = copy.deepcopy(hf).float()  # merge in fp32, save fp32
-        hf = hf.merge_and_unload() if hasattr(hf, "merge_and_unload") else hf
-        state_dict = None
+    plain = merged_fp32(hf)
+    if plain is not hf:
+        hf, state_dict = plain, None
     hf.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 

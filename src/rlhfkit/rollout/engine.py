@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.device import place, resolve_device
+from rlhfkit.device import is_sharded, place, resolve_device
 from rlhfkit.errors import ConfigError
 from rlhfkit.models import disable_dropout, load_causal_lm
 from rlhfkit.rollout.sampler import Rollout, sample
@@ -71,7 +71,9 @@ class HFEngine(RolloutEngine):
 
     def __init__(self, model, device: torch.device, adapter_off: bool = False):
         self.model, self.device, self.adapter_off = model, device, adapter_off
-        self.packed: dict = {}
+        # FSDP2 gathers a sharded model's weights into new storage at every step and keeps their version
+        # counters: packed copies could not tell they went stale, so a sharded model decodes with the plain kernels
+        self.packed: dict | None = None if is_sharded(model) else {}
 
     @torch.no_grad()
     def generate(self, prompts, params: SamplingParams, generator=None, on_token=None) -> Rollout:

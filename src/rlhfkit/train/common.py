@@ -21,7 +21,8 @@ from rlhfkit.config import ModelArgs, OptimArgs, accumulation_steps, print_confi
 from rlhfkit.data.batching import split_by_tokens
 from rlhfkit.device import make_accelerator, world_size
 from rlhfkit.errors import ConfigError, StoppedError
-from rlhfkit.models import apply_lora, disable_dropout, merged
+from rlhfkit.models import apply_lora, disable_dropout, merged_fp32
+from rlhfkit.models.quant import is_4bit, nf4_config
 from rlhfkit.run import NonFiniteError, Run, check_finite
 
 
@@ -40,10 +41,20 @@ def prepare_model(model, cfg: ModelArgs, modules_to_save: list[str] | None = Non
                            modules_to_save=modules_to_save)
     if cfg.mixed_precision == "bf16":
         for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
+            if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and not is_4bit(module):
                 module.to(torch.bfloat16)
     model.train()
     return model
+
+
+def quantization(cfg: ModelArgs):
+    """The base model's quantisation config under --load-in-4bit (QLoRA: NF4, products in the mixed
+    precision's dtype), None otherwise."""
+    if not cfg.load_in_4bit:
+        return None
+    if cfg.lora_r <= 0:
+        raise ConfigError("--load-in-4bit trains a LoRA adapter on a frozen 4-bit base: set --lora-r (e.g. 16)")
+    return nf4_config(torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
 
 
 def freeze_bottom(model, trainable: int, keep: list[str]) -> None:
@@ -152,8 +163,7 @@ def save_hf(accelerator, model, tokenizer, folder) -> None:
         return
     if accelerator.device.type == "cpu":
         release_freed_memory()  # what sampling and evaluation left: the copy below fits in it
-    if hasattr(plain, "merge_and_unload") or any(p.dtype != torch.float32 for p in plain.parameters()):
-        plain = merged((copy.deepcopy(plain) if plain is unwrapped else plain).float())  # merge in fp32, save fp32
+    plain = merged_fp32(plain, copied=plain is unwrapped)  # merge in fp32, save fp32
     # safetensors holds each file's bytes in memory while writing it: files of at most 200 MB
     plain.save_pretrained(folder, safe_serialization=True, max_shard_size="200MB")
     tokenizer.save_pretrained(folder)
@@ -280,6 +290,9 @@ def prepare_optimisation(accelerator, run, cfg, model, updates: int, log):
     """Optimiser and schedule over ``updates`` optimiser steps, ``accelerator.prepare``, and the
     resume point. Returns (model, optimizer, scheduler, start_step)."""
     optimizer, scheduler = build_optimizer(model, cfg, updates)
+    if accelerator.is_fsdp2 and is_4bit(model):
+        raise ConfigError("--load-in-4bit under FSDP: bitsandbytes' 4-bit weights are not sharded here; "
+                          "use one process or DDP (configs/accelerate/ddp.yaml)")
     if accelerator.is_fsdp2:
         keep_skeleton(model)
         broadcast_weights(model)

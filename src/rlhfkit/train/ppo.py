@@ -46,7 +46,14 @@ from rlhfkit.rollout.phase import SamplingArgs, rollout_phase
 from rlhfkit.rollout.rewards import single_reward_model
 from rlhfkit.rollout.sampler import Rollout, gather_logprobs, response_logits, response_values
 from rlhfkit.run import Run, progress
-from rlhfkit.train.common import backward, gathered, optimizer_step, prepare_model, stop_on_nonfinite
+from rlhfkit.train.common import (
+    backward,
+    gathered,
+    optimizer_step,
+    prepare_model,
+    quantization,
+    stop_on_nonfinite,
+)
 from rlhfkit.train.rl import (
     CorrectionArgs,
     KLArgs,
@@ -171,7 +178,7 @@ def load_critic(cfg):
     """The value model: the reward model's (or policy's) backbone with a zero-initialised scalar head
     (reference §1c item 11), prepared like the policy (LoRA or frozen layers, dropout off)."""
     spec = cfg.critic or single_reward_model(cfg.reward) or cfg.model
-    critic, _ = load_reward_model(spec, num_labels=1, seed=cfg.seed)
+    critic, _ = load_reward_model(spec, num_labels=1, seed=cfg.seed, quantization=quantization(cfg))
     init_reward_head(critic.hf.score, zero=True)
     setattr(critic.hf.config, BIAS_KEY, 0.0)
     critic.hf = prepare_model(critic.hf, cfg, modules_to_save=["score"])
@@ -285,7 +292,7 @@ def run(cfg: PPOConfig) -> Run:
             end_step(s, cfg, bar, step, metrics, batch)
 
         if not accelerator.is_fsdp2:  # (sharded, its shards are part of the model final/ is gathered from)
-            inner.critic.to("meta")  # trained and checkpointed; not needed for the comparison or final/: freed
+            inner.critic = None  # trained and checkpointed; not needed for the comparison or final/: freed
         return finish(s, cfg, inner.policy, CURVES)
 
 

@@ -64,6 +64,7 @@ from rlhfkit.train.common import (
     optimizer_step,
     prepare_model,
     prepare_training,
+    quantization,
     release_freed_memory,
     should_save,
     start_stage,
@@ -227,7 +228,8 @@ def run(cfg: RMConfig) -> Run:
                                         accum=1 if cfg.micro_batch_tokens else None)
     with stop_on_nonfinite(run), cpu_kernels(accelerator.device, cfg.gradient_checkpointing):  # oneDNN linears on a CPU
         # 1. model and data
-        rm, tokenizer = load_reward_model(cfg.model, num_labels=num_labels(cfg), seed=cfg.seed)
+        rm, tokenizer = load_reward_model(cfg.model, num_labels=num_labels(cfg), seed=cfg.seed,
+                                          quantization=quantization(cfg))
         records, held, loaded = load_train_eval(cfg, RECORD_KIND[cfg.kind], log)
         train_set, report = encode_groups(records, cfg.kind, tokenizer, cfg.max_length, merge=True)
         eval_set, _ = encode_groups(held, cfg.kind, tokenizer, cfg.max_length, merge=True)

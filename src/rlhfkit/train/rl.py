@@ -31,6 +31,7 @@ from rlhfkit.train.common import (
     gathered,
     prepare_model,
     prepare_optimisation,
+    quantization,
     release_freed_memory,
     save_hf,
     should_save,
@@ -87,7 +88,7 @@ def engine_correction(cfg, rollout: Rollout, old_logp: torch.Tensor, mask: torch
 
 def load_policy(cfg):
     """The policy (dropout off, LoRA or partly frozen, as the config says) and its tokenizer."""
-    policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
+    policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, quantization=quantization(cfg))
     return prepare_model(policy, cfg), tokenizer
 
 
@@ -134,6 +135,9 @@ def start_rl(cfg, stage: str, k: int = 1, inputs: dict | None = None) -> RLSetup
     plan which prompts each step samples (seeded, the same on resume)."""
     world = world_size()
     _, accum = rl_batch_plan(cfg, world, k)
+    if cfg.load_in_4bit and cfg.rollout != "hf":
+        raise ConfigError(f"--rollout {cfg.rollout} with --load-in-4bit: the engine takes full-precision weights "
+                          "at every sync; use --rollout hf (it samples from the 4-bit model itself)")
     accelerator, run, log = start_stage(cfg, stage, {"train": cfg.train, "eval": cfg.eval, "model": cfg.model,
                                                      **(inputs or {})}, accum=accum)
     policy, tokenizer = load_policy(cfg)
@@ -165,10 +169,6 @@ def prepare_rl(s: RLSetup, cfg, model, policy_of=lambda m: m):
     s.monitor.restore(s.run.metrics())  # on resume: the steps before the checkpoint
     inner = s.accelerator.unwrap_model(model)
     s.engine = make_engine(cfg.rollout, policy_of(inner), s.accelerator.device)
-    if s.accelerator.is_fsdp2 and hasattr(s.engine, "packed"):
-        # FSDP2 gathers the weights into new storage at every step and keeps their version counters:
-        # the hf engine's packed copies could not tell they went stale, so it decodes with the plain kernels
-        s.engine.packed = None
     return model, optimizer, scheduler, start, inner
 
 

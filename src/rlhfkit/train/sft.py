@@ -26,6 +26,7 @@ from rlhfkit.train.common import (
     optimizer_step,
     prepare_model,
     prepare_training,
+    quantization,
     save_hf,
     should_save,
     start_stage,
@@ -72,7 +73,7 @@ def run(cfg: SFTConfig) -> Run:
     accelerator, run, log = start_stage(cfg, "sft", {"train": cfg.train, "eval": cfg.eval, "model": cfg.model})
     with stop_on_nonfinite(run), cpu_kernels(accelerator.device, cfg.gradient_checkpointing):  # oneDNN linears on a CPU
         # 1. model and data
-        model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed)
+        model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, quantization=quantization(cfg))
         (train_set, train_report), (eval_set, _), loaded = load_data(cfg, tokenizer, log)
         run.update_manifest(data={"train": train_report | {"skipped_malformed": loaded.skipped}})
         model = prepare_model(model, cfg)
