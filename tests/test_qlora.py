@@ -141,3 +141,26 @@ def test_every_stage_trains_on_a_4bit_base(tmp_path, stage):
     model = auto.from_pretrained(run / "final")
     assert {type(p) for p in model.parameters()} == {torch.nn.Parameter}
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_the_hf_engine_samples_a_4bit_policy():
+    """The hf engine samples a 4-bit policy: bitsandbytes' layers run their own kernels, oneDNN packing
+    takes only the module weights it sees (the LoRA matrices, the LM head), its cache stays the same size
+    from one call to the next, and the samples are those of the plain kernels."""
+    from rlhfkit.rollout.engine import HFEngine, SamplingParams
+
+    model = lora_model("policy")
+    engine = HFEngine(model, torch.device("cpu"))
+    params = SamplingParams(pad_id=0, eos_id=2, max_new_tokens=6, min_new_tokens=6)
+    prompts = [[1, 57, 300], [1, 4021, 9, 77]]
+    draw = [engine.generate(prompts, params, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    sizes = len(engine.packed)
+    engine.generate(prompts, params, generator=torch.Generator().manual_seed(3))
+    assert len(engine.packed) == sizes
+    own = {id(p) for p in model.parameters()}
+    assert set(engine.packed) <= own
+    engine.packed = None
+    plain = engine.generate(prompts, params, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(draw[0].response_ids, draw[1].response_ids)
+    assert torch.equal(plain.response_ids, draw[0].response_ids)
+    torch.testing.assert_close(plain.logprobs, draw[0].logprobs, rtol=0, atol=1e-4)

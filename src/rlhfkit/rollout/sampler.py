@@ -123,10 +123,7 @@ class PackedLinear(TorchFunctionMode):
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             rows = x.numel() // x.shape[-1]
-            # only a module's own weight is worth packing: a tensor made for this call (a 4-bit weight
-            # de-quantised, a cast copy) would be packed again at every call
-            own = isinstance(weight, torch.nn.Parameter)
-            packed = self.packed(weight) if own and rows <= self.rows and weight.dtype == x.dtype else None
+            packed = self.packed(weight) if rows <= self.rows and weight.dtype == x.dtype else None
             if packed is not None:
                 return onednn_linear(x, packed, bias, out_features=weight.shape[0])
         return func(*args, **kwargs)
