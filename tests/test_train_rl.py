@@ -279,3 +279,61 @@ def test_critic_checkpointing_gives_the_same_gradients(bf16):
     assert g0.keys() == g1.keys()
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_shared_trunk_value_head_reads_the_policys_own_pass():
+    """--shared-trunk: the update's one pass gives the logits of a policy-only pass and the values the
+    logprob phase reads through the head (the same hidden states), the head starts at zero, and the value
+    loss's gradient reaches the policy's adapter, which a separate critic's never does."""
+    from rlhfkit.models import apply_lora, load_causal_lm
+    from rlhfkit.rollout.sampler import Rollout, response_logits, response_values
+    from rlhfkit.train.ppo import ActorCritic, TrunkValueHead
+
+    torch.manual_seed(0)
+    policy = apply_lora(load_causal_lm("tiny", seed=0)[0], 4, 8)
+    head = TrunkValueHead(policy)
+    assert [n for n, _ in head.named_parameters()] == ["head.weight"] and not head.head.weight.any()
+    torch.nn.init.normal_(head.head.weight, std=0.1)
+    prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    response_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    ro = Rollout(torch.randint(5, 500, (2, 4)) * prompt_mask, prompt_mask, torch.randint(5, 500, (2, 5)),
+                 response_mask, torch.zeros(2, 5), torch.tensor([True, False]))
+    model = ActorCritic(policy, head)
+    logits, values, _ = model(ro, 0.7)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, response_logits(policy, ro, 0.7), rtol=0, atol=1e-5)
+        torch.testing.assert_close(values, response_values(head, ro), rtol=0, atol=1e-5)
+    assert values.abs().sum() > 0.1
+    (values - 1).pow(2).mul(response_mask).sum().backward()
+    lora_grads = [p.grad for n, p in policy.named_parameters() if "lora_B" in n]
+    assert lora_grads and any(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    assert sorted(n for n, _ in model.named_parameters() if "head" in n) == ["critic.head.weight"]
+
+
+@pytest.mark.slow
+def test_ppo_with_a_shared_trunk_trains_and_resumes(tmp_path, prompts):
+    """A PPO run with the value head on the policy's trunk: ratio 1 and explained variance 0 at the start
+    (a zero head), values that move once the head trains, final/ is the policy alone, and a resumed run
+    equals the uninterrupted one (the head is in the checkpoint)."""
+    from rlhfkit.train.ppo import run as train
+
+    cfg = ppo_cfg(tmp_path, prompts, shared_trunk=True, ppo_epochs=1, max_steps=4, save_every=2, lr=3e-3,
+                  keep_checkpoints=3, name="shared")
+    run = train(cfg)
+    rows = metrics(run)
+    assert rows[0]["ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-6)
+    assert rows[0]["explained_variance"] == 0.0
+    assert any(r["explained_variance"] != 0.0 for r in rows[1:])
+    from safetensors.torch import load_file
+
+    final = load_file(str(run.path / "final" / "model.safetensors"))
+    assert not any("head.weight" in k and "lm_head" not in k for k in final)
+    shutil.rmtree(run.path / "checkpoints" / "step-00000004")
+    (run.path / "checkpoints" / "latest").write_text("step-00000002")
+    shutil.rmtree(run.path / "final")
+    cfg.resume = True
+    resumed = metrics(train(cfg))
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(rows[2:], resumed[2:]):
+        for key in ("score", "kl", "value_loss", "policy_loss", "explained_variance"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)

@@ -243,10 +243,11 @@ def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_to
     return Rollout(ids, mask, response, rmask, torch.stack(logps, 1), eos)
 
 
-def response_logits(model, rollout: Rollout, temperature: float = 1.0, group: int = 1) -> torch.Tensor:
+def response_logits(model, rollout: Rollout, temperature: float = 1.0, group: int = 1, hidden: bool = False):
     """Teacher-forced logits for each response token at the temperature: ``logits[:, P-1:-1] / T``,
     (B, R, V), with the sampler's mask and position ids. Only the last R+1 positions go through the
-    LM head.
+    LM head. ``hidden=True`` (one row per sample): also the final hidden states they are computed from,
+    (B, R, d), what a value head on the policy's own trunk reads.
 
     ``group`` > 1: the rows come in consecutive groups of ``group`` that share their prompt (the k
     samples of RLOO / GRPO). Each group is then one packed row, its prompt computed once
@@ -262,8 +263,9 @@ def response_logits(model, rollout: Rollout, temperature: float = 1.0, group: in
     mask = rollout.attention_mask
     r = rollout.response_ids.shape[1]
     out = model(input_ids=rollout.input_ids, attention_mask=mask, position_ids=position_ids(mask),
-                use_cache=False, logits_to_keep=r + 1)
-    return out.logits[:, :-1].float() / temp
+                use_cache=False, logits_to_keep=r + 1, output_hidden_states=hidden)
+    logits = out.logits[:, :-1].float() / temp
+    return (logits, out.hidden_states[-1][:, -r - 1:-1]) if hidden else logits
 
 
 def pack_groups(rollout: Rollout, group: int):

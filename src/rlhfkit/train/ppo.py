@@ -90,6 +90,10 @@ class PPOConfig(RunArgs, OptimArgs, DataArgs, ModelArgs, SamplingArgs, Correctio
     """'a2c': one epoch, one minibatch, no clipping (the advantage actor-critic of seed 004)."""
     critic: str = ""
     """Backbone of the value model ('' : the reward model when --reward is one, else the policy's model)."""
+    shared_trunk: bool = False
+    """The value head on the policy's own trunk instead of a second backbone: one forward pass gives the
+    logits and the values, and the value loss trains the policy's weights (or adapter) too. Less memory
+    and compute; --critic and --critic-checkpointing then do not apply."""
     critic_checkpointing: bool = True
     """Recompute the critic's activations in the backward pass instead of keeping them: the update then
     holds one model's activations at a time, not two (one more critic forward per micro-batch; the
@@ -157,13 +161,17 @@ class ActorCritic(nn.Module):
         self.kernels = kernels  # the stage's CPU kernels, entered again around the critic's recomputation
 
     def forward(self, rollout: Rollout, temperature: float, lm_batch: dict | None = None):
-        # the critic runs first: the backward pass reaches it last, after the policy's backward has freed
-        # the policy's activations, and with checkpointing only then recomputes the critic's
-        if self.checkpoint_critic:
-            values = checkpoint(self._values, rollout, use_reentrant=False)
+        if isinstance(self.critic, TrunkValueHead):  # one pass: the logits and the hidden states under them
+            logits, hidden = response_logits(self.policy, rollout, temperature, hidden=True)
+            values = self.critic.head(hidden)[..., 0].float() * rollout.response_mask
         else:
-            values = response_values(self.critic, rollout)
-        logits = response_logits(self.policy, rollout, temperature)
+            # the critic runs first: the backward pass reaches it last, after the policy's backward has freed
+            # the policy's activations, and with checkpointing only then recomputes the critic's
+            if self.checkpoint_critic:
+                values = checkpoint(self._values, rollout, use_reentrant=False)
+            else:
+                values = response_values(self.critic, rollout)
+            logits = response_logits(self.policy, rollout, temperature)
         lm_logits = self.policy(**lm_batch, use_cache=False).logits if lm_batch is not None else None
         return logits, values, lm_logits
 
@@ -172,6 +180,23 @@ class ActorCritic(nn.Module):
         backward pass runs outside the stage's TorchFunctionMode)."""
         with self.kernels():
             return response_values(self.critic, rollout)
+
+
+class TrunkValueHead(nn.Module):
+    """A zero-initialised scalar head on the policy's final hidden states (``--shared-trunk``). It owns only
+    the head: the trunk is the policy, held outside the module tree so that its weights are registered
+    (and saved) once, under the policy. Called like a reward model: (B, T) ids -> (B, T, 1) values."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self._trunk = [policy]
+        self.head = nn.Linear(policy.config.hidden_size, 1, bias=False)
+        init_reward_head(self.head, zero=True)
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        out = self._trunk[0](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False, logits_to_keep=1, output_hidden_states=True)
+        return self.head(out.hidden_states[-1])
 
 
 def load_critic(cfg):
@@ -214,9 +239,13 @@ def run(cfg: PPOConfig) -> Run:
     accelerator, tokenizer, reference, reward = s.accelerator, s.tokenizer, s.reference, s.reward
     with stop_on_nonfinite(s.run):
         # 0. the other two roles: the critic, and (PPO-ptx) demonstrations
-        critic, critic_spec = load_critic(cfg)
+        if cfg.shared_trunk:
+            critic = TrunkValueHead(s.policy)
+            s.log("critic: a zero-initialised value head on the policy's trunk")
+        else:
+            critic, critic_spec = load_critic(cfg)
+            s.log(f"critic: {critic_spec} with a zero-initialised value head")
         ptx = load_ptx(cfg, s.tokenizer) if cfg.ptx_coef else None
-        s.log(f"critic: {critic_spec} with a zero-initialised value head")
         def kernels_of_stage():  # the trainer's passes: oneDNN for fp32 linears on a CPU
             return cpu_kernels(accelerator.device, cfg.gradient_checkpointing)
 
