@@ -45,15 +45,15 @@ def import_bitsandbytes():
     return bitsandbytes
 
 
-def nf4_config(compute_dtype: torch.dtype, skip: list[str] | None = None):
+def nf4_config(compute_dtype: torch.dtype):
     """The QLoRA quantisation: NF4 with double quantisation of the block scales, products computed in
-    ``compute_dtype``. ``skip`` names modules kept in full precision (the LM head and a reward head are
-    always kept: transformers keeps the output layer, and a new head must be trainable)."""
+    ``compute_dtype``. transformers keeps the output layer (the LM head, a reward or value head) in full
+    precision, so a new head trains as usual."""
     import_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip)
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def is_4bit(model: torch.nn.Module) -> bool:
@@ -77,8 +77,7 @@ def dequantized(model: torch.nn.Module) -> torch.nn.Module:
         weight = dequantize_bnb_weight(base.weight, state=base.weight.quant_state).float()
         for adapter in module.active_adapters:
             weight = weight + module.get_delta_weight(adapter).float()
-        linear = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                                 device=weight.device)
+        linear = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         linear.weight = torch.nn.Parameter(weight, requires_grad=False)
         if base.bias is not None:
             linear.bias = torch.nn.Parameter(base.bias.detach().float(), requires_grad=False)
