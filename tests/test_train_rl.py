@@ -199,6 +199,18 @@ def test_best_of_n_writes_sft_and_preference_data(tmp_path, prompts):
     assert summary["mean_score_best"] >= summary["mean_score_n1"]
 
 
+def resumed_from_step_2(train, cfg, run) -> list[dict]:
+    """A 4-step run with checkpoints at 2 and 4 cut back to step 2 (as if killed there), then resumed:
+    the resumed run's metrics, steps 1 to 4."""
+    shutil.rmtree(run.path / "checkpoints" / "step-00000004")
+    (run.path / "checkpoints" / "latest").write_text("step-00000002")
+    shutil.rmtree(run.path / "final")
+    cfg.resume = True
+    resumed = metrics(train(cfg))
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    return resumed
+
+
 def test_ppo_resume_equals_uninterrupted(tmp_path, prompts):
     """Run 4 steps with a checkpoint at step 2. Then remove everything after step 2 (as if killed) and
     --resume: steps 3 and 4 log the same scores and KL, and the adaptive beta comes back from the
@@ -209,12 +221,7 @@ def test_ppo_resume_equals_uninterrupted(tmp_path, prompts):
                   eval_size=0, keep_checkpoints=3)
     run = train(cfg)
     full = metrics(run)
-    shutil.rmtree(run.path / "checkpoints" / "step-00000004")
-    (run.path / "checkpoints" / "latest").write_text("step-00000002")
-    shutil.rmtree(run.path / "final")
-    cfg.resume = True
-    resumed = metrics(train(cfg))
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    resumed = resumed_from_step_2(train, cfg, run)
     for a, b in zip(full[2:], resumed[2:]):
         for key in ("score", "kl", "beta", "response_length", "policy_loss"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
@@ -330,12 +337,7 @@ def test_ppo_with_a_shared_trunk_trains_and_resumes(tmp_path, prompts):
 
     final = load_file(str(run.path / "final" / "model.safetensors"))
     assert not any("head.weight" in k and "lm_head" not in k for k in final)
-    shutil.rmtree(run.path / "checkpoints" / "step-00000004")
-    (run.path / "checkpoints" / "latest").write_text("step-00000002")
-    shutil.rmtree(run.path / "final")
-    cfg.resume = True
-    resumed = metrics(train(cfg))
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    resumed = resumed_from_step_2(train, cfg, run)
     for a, b in zip(rows[2:], resumed[2:]):
         for key in ("score", "kl", "value_loss", "policy_loss", "explained_variance"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
