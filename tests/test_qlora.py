@@ -112,18 +112,9 @@ def test_every_stage_trains_on_a_4bit_base(tmp_path, stage):
     (the reference is the same 4-bit base with the adapter off, and LoRA starts at B = 0), and final/ is a
     plain fp32 Hugging Face folder that transformers loads without bitsandbytes."""
     from rlhfkit.cli import main
-    from test_sharded import PROMPTS, stage_args
+    from test_sharded import stage_args, write_stage_data
 
-    demos = [{"prompt": f"Count to {i % 7 + 1}.", "response": " ".join(str(k) for k in range(1, i % 7 + 2))}
-             for i in range(40)]
-    pairs = [{"prompt": f"Question {i}?", "chosen": f"Thank you, the answer is {i}.", "rejected": f"No. {i}."}
-             for i in range(40)]
-    (tmp_path / "rule.yaml").write_text("keywords: [the]\nmax_words: 5\n")
-    data = {"demos": str(write_jsonl(tmp_path / "demos.jsonl", demos)),
-            "pairs": str(write_jsonl(tmp_path / "pairs.jsonl", pairs)),
-            "prompts": str(write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])),
-            "rule": f"rule:{tmp_path / 'rule.yaml'}"}
-    args = stage_args(stage, data)
+    args = stage_args(stage, write_stage_data(tmp_path))
     if "--lora-r" not in args:
         args += ["--lora-r", "4"]
     main([*args, "--load-in-4bit", "--output-dir", str(tmp_path / "runs"), "--name", stage])

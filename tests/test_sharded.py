@@ -31,15 +31,20 @@ PROMPTS = ["How do I read a CSV file?", "What is a good first language?", "How c
 
 @pytest.fixture()
 def data(tmp_path) -> dict:
+    return write_stage_data(tmp_path)
+
+
+def write_stage_data(folder: Path) -> dict:
+    """The files :func:`stage_args` reads (demonstrations, pairs, prompts, a rule reward), in ``folder``."""
     demos = [{"prompt": f"Count to {i % 7 + 1}.", "response": " ".join(str(k) for k in range(1, i % 7 + 2))}
              for i in range(40)]
     pairs = [{"prompt": f"Question {i}?", "chosen": f"Thank you for asking, the answer is {i}.",
               "rejected": f"Whatever. {i}."} for i in range(40)]
-    (tmp_path / "rule.yaml").write_text("keywords: [the]\nmax_words: 5\n")
-    return {"demos": str(write_jsonl(tmp_path / "demos.jsonl", demos)),
-            "pairs": str(write_jsonl(tmp_path / "pairs.jsonl", pairs)),
-            "prompts": str(write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])),
-            "rule": f"rule:{tmp_path / 'rule.yaml'}"}
+    (folder / "rule.yaml").write_text("keywords: [the]\nmax_words: 5\n")
+    return {"demos": str(write_jsonl(folder / "demos.jsonl", demos)),
+            "pairs": str(write_jsonl(folder / "pairs.jsonl", pairs)),
+            "prompts": str(write_jsonl(folder / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])),
+            "rule": f"rule:{folder / 'rule.yaml'}"}
 
 
 def stage_args(stage: str, d: dict) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 
 from rlhfkit.config import ModelArgs, OptimArgs, accumulation_steps, print_config
 from rlhfkit.data.batching import split_by_tokens
-from rlhfkit.device import make_accelerator, world_size
+from rlhfkit.device import fsdp_requested, make_accelerator, world_size
 from rlhfkit.errors import ConfigError, StoppedError
 from rlhfkit.models import apply_lora, disable_dropout, merged_fp32
 from rlhfkit.models.quant import is_4bit, nf4_config
@@ -54,6 +54,9 @@ def quantization(cfg: ModelArgs):
         return None
     if cfg.lora_r <= 0:
         raise ConfigError("--load-in-4bit trains a LoRA adapter on a frozen 4-bit base: set --lora-r (e.g. 16)")
+    if fsdp_requested():
+        raise ConfigError("--load-in-4bit under FSDP: bitsandbytes' 4-bit weights are not sharded here; "
+                          "use one process or DDP (configs/accelerate/ddp.yaml)")
     return nf4_config(torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
 
 
@@ -290,9 +293,6 @@ def prepare_optimisation(accelerator, run, cfg, model, updates: int, log):
     """Optimiser and schedule over ``updates`` optimiser steps, ``accelerator.prepare``, and the
     resume point. Returns (model, optimizer, scheduler, start_step)."""
     optimizer, scheduler = build_optimizer(model, cfg, updates)
-    if accelerator.is_fsdp2 and is_4bit(model):
-        raise ConfigError("--load-in-4bit under FSDP: bitsandbytes' 4-bit weights are not sharded here; "
-                          "use one process or DDP (configs/accelerate/ddp.yaml)")
     if accelerator.is_fsdp2:
         keep_skeleton(model)
         broadcast_weights(model)
