@@ -65,8 +65,10 @@ def stage_args(stage: str, d: dict) -> list[str]:
     }[stage] + ["--model", "tiny", "--no-progress", "--save-every", "2"]
 
 
-def cli(args: list[str], out: Path, name: str, config: str | None = None, wait=True, resume=False):
-    """One process (``config`` None) or ``accelerate launch --config_file configs/accelerate/<config>.yaml``."""
+def cli(args: list[str], out: Path, name: str, config: str | None = None, wait=True, resume=False,
+        printed: list | None = None):
+    """One process (``config`` None) or ``accelerate launch --config_file configs/accelerate/<config>.yaml``.
+    What the processes print is appended to ``printed`` when given."""
     tail = [*args, "--output-dir", str(out), *(["--name", name] if name else []), *(["--resume"] if resume else [])]
     if config is None:
         cmd = [PYTHON, "-m", "rlhfkit", *tail]
@@ -79,6 +81,8 @@ def cli(args: list[str], out: Path, name: str, config: str | None = None, wait=T
         return proc
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output[-4000:]
+    if printed is not None:
+        printed.append(output)
     return out / name if name else out
 
 
@@ -124,6 +128,25 @@ def test_fsdp2_two_processes_equal_one_process_with_accumulation(tmp_path, data,
         assert held[1] == pytest.approx(held[0], abs=1e-4)
     checkpoint = two / "checkpoints" / "step-00000002"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()  # sharded
+
+
+@pytest.mark.parametrize("stage", ["pg", "ppo", "dpo"])
+def test_fsdp2_shards_a_separate_reference_and_equals_one_process(tmp_path, data, stage):
+    """Without LoRA the reference is a frozen copy of the policy. Under fsdp2.yaml it is sharded as the
+    policy is: each of the two processes holds half its weights, gathers each layer for its forward,
+    and the whole model for the held-out comparison (pg, ppo). The run still equals one process, over two
+    steps: every weight moves in full fine-tuning, and at the third step's sampling the two runs' rounding
+    differences pick another token from the tiny model's near-uniform distribution (the same without the
+    reference sharded)."""
+    args = [*stage_args(stage, data), "--lora-r", "0", "--max-steps", "2"]
+    one = cli(args, tmp_path / "runs", "one")
+    printed: list[str] = []
+    two = cli(args, tmp_path / "runs", "fsdp2", config="fsdp2", printed=printed)
+    assert "the reference sharded over 2 processes: 50.0% of its weights on this process" in printed[0], printed[0][-3000:]
+    assert_same_runs(one, two, COMPARED[stage], atol=2e-5)
+    if stage != "dpo":
+        held = [json.loads((run / "heldout.json").read_text())["rewards"]["reward"] for run in (one, two)]
+        assert held[1] == pytest.approx(held[0], abs=1e-4)
 
 
 def test_ddp_config_equals_one_process(tmp_path, data):

@@ -221,14 +221,38 @@ def full_model(accelerator, model):
     return plain.get_submodule(name)
 
 
+def shard_frozen(accelerator, model, name: str, log) -> None:
+    """Under FSDP2, shard a frozen model (a separate reference) in place as accelerate shards the trained
+    one: each decoder layer, then the whole, over every process, with the launch config's offload. Each
+    layer is all-gathered for its forward and freed after, so every process holds 1/N of its weights
+    between forwards; ``log`` says the main process's share. Nothing happens to None or when nothing is
+    sharded."""
+    if model is None or not accelerator.is_fsdp2:
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    keep_skeleton(model)  # for gathered() at the held-out comparison
+    broadcast_weights(model)
+    kwargs = {"reshard_after_forward": True, "offload_policy": accelerator.state.fsdp_plugin.cpu_offload}
+    layers = set(getattr(model, "_no_split_modules", None) or [])
+    for module in [m for m in model.modules() if type(m).__name__ in layers]:
+        fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    if accelerator.device.type == "cpu":
+        release_freed_memory()  # the whole weights sharding replaced
+    held = sum(p.to_local().numel() for p in model.parameters())
+    log(f"{name} sharded over {accelerator.num_processes} processes: {held / sum(p.numel() for p in model.parameters()):.1%} "
+        "of its weights on this process")
+
+
 @contextlib.contextmanager
 def gathered(accelerator, model):
     """Every parameter of ``model`` whole on every process inside the block: FSDP2 all-gathers them on
     entry (every process must enter) and keeps them through forwards, so processes may run different
     numbers of forwards inside (sampling to different lengths, held-out evaluation on one process);
     resharded on exit. ``model`` may be a module inside the prepared one: the whole prepared model is
-    gathered. Nothing happens when nothing is sharded. No backward inside."""
-    if not accelerator.is_fsdp2:
+    gathered. Nothing happens when nothing is sharded, or to None. No backward inside."""
+    if not accelerator.is_fsdp2 or model is None:
         yield
         return
     from torch.distributed.fsdp import FSDPModule

@@ -39,6 +39,7 @@ from rlhfkit.train.common import (
     prepare_training,
     release_freed_memory,
     save_hf,
+    shard_frozen,
     should_save,
     start_stage,
     stop_on_nonfinite,
@@ -179,6 +180,7 @@ def run(cfg: DPOConfig) -> Run:
         model, optimizer, scheduler, plan, steps, start = prepare_training(
             accelerator, run, cfg, policy, len(train_set), log, lengths=lengths, token_budget=cfg.micro_batch_tokens)
         reference.to(accelerator.device)
+        shard_frozen(accelerator, reference.copy, "the reference", log)  # a separate reference: sharded like the policy
         inner = accelerator.unwrap_model(model)
         log(f"dpo ({cfg.loss}, beta {cfg.beta}): policy {cfg.model}, reference "
             f"{cfg.reference or ('adapter off' if reference.copy is None else 'frozen copy')}; "

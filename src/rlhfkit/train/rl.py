@@ -34,6 +34,7 @@ from rlhfkit.train.common import (
     quantization,
     release_freed_memory,
     save_hf,
+    shard_frozen,
     should_save,
     start_stage,
     total_steps,
@@ -166,6 +167,7 @@ def prepare_rl(s: RLSetup, cfg, model, policy_of=lambda m: m):
     updates = s.steps * cfg.ppo_epochs * cfg.num_minibatches
     model, optimizer, scheduler, start = prepare_optimisation(s.accelerator, s.run, cfg, model, updates, s.log)
     s.reference.to(s.accelerator.device)
+    shard_frozen(s.accelerator, s.reference.copy, "the reference", s.log)  # a separate reference: sharded like the policy
     s.monitor.restore(s.run.metrics())  # on resume: the steps before the checkpoint
     inner = s.accelerator.unwrap_model(model)
     s.engine = make_engine(cfg.rollout, policy_of(inner), s.accelerator.device)
@@ -291,7 +293,8 @@ def finish(s: RLSetup, cfg, policy, curves: list[str]):
     """Held-out comparison with the reference (proxy and gold), curves, the report, and the final
     policy in Hugging Face format."""
     accelerator, run, summary = s.accelerator, s.run, {}
-    with gathered(accelerator, policy):  # on the main process only: sharded weights whole
+    # on the main process only: sharded weights whole (the policy's, and a separate reference's)
+    with gathered(accelerator, policy), gathered(accelerator, s.reference.copy):
         if s.held.ids and accelerator.is_main_process:
             rewards = {"reward": s.reward, **({"gold": s.gold} if s.gold is not None else {})}
             with accelerator.autocast():
