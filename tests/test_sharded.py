@@ -131,18 +131,27 @@ def test_fsdp2_two_processes_equal_one_process_with_accumulation(tmp_path, data,
 
 
 @pytest.mark.parametrize("stage", ["pg", "ppo", "dpo"])
-def test_fsdp2_shards_a_separate_reference_and_equals_one_process(tmp_path, data, stage):
-    """Without LoRA the reference is a frozen copy of the policy. Under fsdp2.yaml it is sharded as the
-    policy is: each of the two processes holds half its weights, gathers each layer for its forward,
-    and the whole model for the held-out comparison (pg, ppo). The run still equals one process, over two
-    steps: every weight moves in full fine-tuning, and at the third step's sampling the two runs' rounding
-    differences pick another token from the tiny model's near-uniform distribution (the same without the
-    reference sharded)."""
+def test_fsdp2_shards_the_frozen_models_and_equals_one_process(tmp_path, data, stage):
+    """Without LoRA the reference is a frozen copy of the policy; pg here scores with a reward model.
+    Under fsdp2.yaml each is sharded as the policy is: each of the two processes holds half its weights
+    and gathers a layer for its forward, and the whole model for the held-out comparison (pg, ppo). The
+    run still equals one process, over two steps: every weight moves in full fine-tuning, and at the
+    third step's sampling the two runs' rounding differences pick another token from the tiny model's
+    near-uniform distribution (the same with nothing but the policy sharded)."""
+    from rlhfkit.models.reward import load_reward_model, save_reward_model
+
     args = [*stage_args(stage, data), "--lora-r", "0", "--max-steps", "2"]
+    sharded = ["the reference"]
+    if stage == "pg":
+        rm, tok = load_reward_model("tiny", seed=3)
+        save_reward_model(rm, tok, tmp_path / "rm")
+        args += ["--reward", str(tmp_path / "rm")]
+        sharded.append("reward model rm:rm")
     one = cli(args, tmp_path / "runs", "one")
     printed: list[str] = []
     two = cli(args, tmp_path / "runs", "fsdp2", config="fsdp2", printed=printed)
-    assert "the reference sharded over 2 processes: 50.0% of its weights on this process" in printed[0], printed[0][-3000:]
+    for name in sharded:
+        assert f"{name} sharded over 2 processes: 50.0% of its weights on this process" in printed[0], printed[0][-3000:]
     assert_same_runs(one, two, COMPARED[stage], atol=2e-5)
     if stage != "dpo":
         held = [json.loads((run / "heldout.json").read_text())["rewards"]["reward"] for run in (one, two)]

@@ -225,9 +225,9 @@ def shard_frozen(accelerator, model, name: str, log) -> None:
     """Under FSDP2, shard a frozen model (a separate reference) in place as accelerate shards the trained
     one: each decoder layer, then the whole, over every process, with the launch config's offload. Each
     layer is all-gathered for its forward and freed after, so every process holds 1/N of its weights
-    between forwards; ``log`` says the main process's share. Nothing happens to None or when nothing is
-    sharded."""
-    if model is None or not accelerator.is_fsdp2:
+    between forwards; ``log`` says the main process's share. Every process must then call it equally
+    often (:func:`gathered` lifts that). Nothing happens when nothing is sharded."""
+    if not accelerator.is_fsdp2:
         return
     from torch.distributed.fsdp import fully_shard
 
@@ -251,8 +251,8 @@ def gathered(accelerator, model):
     entry (every process must enter) and keeps them through forwards, so processes may run different
     numbers of forwards inside (sampling to different lengths, held-out evaluation on one process);
     resharded on exit. ``model`` may be a module inside the prepared one: the whole prepared model is
-    gathered. Nothing happens when nothing is sharded, or to None. No backward inside."""
-    if not accelerator.is_fsdp2 or model is None:
+    gathered. Nothing happens when nothing is sharded. No backward inside."""
+    if not accelerator.is_fsdp2:
         yield
         return
     from torch.distributed.fsdp import FSDPModule

@@ -180,7 +180,8 @@ def run(cfg: DPOConfig) -> Run:
         model, optimizer, scheduler, plan, steps, start = prepare_training(
             accelerator, run, cfg, policy, len(train_set), log, lengths=lengths, token_budget=cfg.micro_batch_tokens)
         reference.to(accelerator.device)
-        shard_frozen(accelerator, reference.copy, "the reference", log)  # a separate reference: sharded like the policy
+        if reference.copy is not None:  # a separate reference: sharded as the policy is
+            shard_frozen(accelerator, reference.copy, "the reference", log)
         inner = accelerator.unwrap_model(model)
         log(f"dpo ({cfg.loss}, beta {cfg.beta}): policy {cfg.model}, reference "
             f"{cfg.reference or ('adapter off' if reference.copy is None else 'frozen copy')}; "

@@ -7,6 +7,7 @@ rollout vocabulary (sampling flags, prompts, the rollout phase, the reference) i
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from rlhfkit.losses.ppo import aggregate_total, rollout_correction
 from rlhfkit.models import load_causal_lm
 from rlhfkit.rollout.engine import RolloutEngine, make_engine
 from rlhfkit.rollout.phase import Batch, Prompts, Reference, load_prompts, response_stats
-from rlhfkit.rollout.rewards import CompositeReward, reward_from
+from rlhfkit.rollout.rewards import CompositeReward, ModelReward, reward_from
 from rlhfkit.rollout.sampler import Rollout, response_logprobs, response_values
 from rlhfkit.train.common import (
     BatchPlan,
@@ -167,11 +168,22 @@ def prepare_rl(s: RLSetup, cfg, model, policy_of=lambda m: m):
     updates = s.steps * cfg.ppo_epochs * cfg.num_minibatches
     model, optimizer, scheduler, start = prepare_optimisation(s.accelerator, s.run, cfg, model, updates, s.log)
     s.reference.to(s.accelerator.device)
-    shard_frozen(s.accelerator, s.reference.copy, "the reference", s.log)  # a separate reference: sharded like the policy
+    for name, frozen in frozen_models(s):  # under FSDP: sharded as the policy is
+        shard_frozen(s.accelerator, frozen, name, s.log)
     s.monitor.restore(s.run.metrics())  # on resume: the steps before the checkpoint
     inner = s.accelerator.unwrap_model(model)
     s.engine = make_engine(cfg.rollout, policy_of(inner), s.accelerator.device)
     return model, optimizer, scheduler, start, inner
+
+
+def frozen_models(s: RLSetup) -> list[tuple[str, torch.nn.Module]]:
+    """The run's frozen models besides the policy, named: a separate reference (full fine-tuning or
+    --reference) and the reward models of --reward and --gold. Every process calls each of them the same
+    number of times in a step (on its own share of the batch), so FSDP can shard them."""
+    rewards = [s.reward, *([s.gold] if s.gold is not None else [])]
+    models = [("the reference", s.reference.copy)] if s.reference.copy is not None else []
+    return models + [(f"reward model {src.name}", src.model) for r in rewards for _, src in r.parts
+                     if isinstance(src, ModelReward)]
 
 
 def step_generator(cfg, step: int, rank: int) -> torch.Generator:
@@ -293,8 +305,9 @@ def finish(s: RLSetup, cfg, policy, curves: list[str]):
     """Held-out comparison with the reference (proxy and gold), curves, the report, and the final
     policy in Hugging Face format."""
     accelerator, run, summary = s.accelerator, s.run, {}
-    # on the main process only: sharded weights whole (the policy's, and a separate reference's)
-    with gathered(accelerator, policy), gathered(accelerator, s.reference.copy):
+    with contextlib.ExitStack() as whole:  # on the main process only: sharded weights whole
+        for model in [policy, *(m for _, m in frozen_models(s))]:
+            whole.enter_context(gathered(accelerator, model))
         if s.held.ids and accelerator.is_main_process:
             rewards = {"reward": s.reward, **({"gold": s.gold} if s.gold is not None else {})}
             with accelerator.autocast():
