@@ -262,3 +262,35 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, demos):
     assert len(losses(b)) == 5
     assert losses(b) == pytest.approx(losses(a), abs=1e-5)
     assert_same_weights(final_weights(a), final_weights(b), atol=1e-5)
+
+
+def test_bf16_storage_lets_the_loaded_file_go():
+    """from_pretrained maps the bundled model's safetensors file. Under bf16 storage the frozen linears
+    become bf16 copies, and the weights left in fp32 (embeddings, norms) are copied out too, so the
+    mapping and the 0.5 GB of file pages it kept resident go: none of the model's weights read the file,
+    and the process's resident file pages fall by more than 0.4 GB. Run in a fresh process: a model
+    loaded elsewhere in this one would keep the mapping."""
+    script = """
+import gc, json
+from rlhfkit.models import load_causal_lm
+from rlhfkit.models.loading import mapped_files
+from rlhfkit.train.common import prepare_model
+from rlhfkit.train.sft import SFTConfig
+
+def file_mb():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssFile")) / 1024
+
+model = load_causal_lm("smollm2-135m-instruct")[0]
+for p in model.parameters():
+    p.data.sum()  # every page read, as training reads them
+read, before = file_mb(), len(mapped_files())
+model = prepare_model(model, SFTConfig(lora_r=8, mixed_precision="bf16"))
+gc.collect()
+in_file = [n for n, p in model.named_parameters() if any(a <= p.data_ptr() < b for a, b in mapped_files())]
+print(json.dumps({"read": read, "after": file_mb(), "mapped_before": before, "in_file": in_file}))
+"""
+    out = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["mapped_before"] >= 1 and result["in_file"] == []
+    assert result["read"] - result["after"] > 400, result

@@ -22,13 +22,15 @@ from rlhfkit.data.batching import split_by_tokens
 from rlhfkit.device import fsdp_requested, make_accelerator, world_size
 from rlhfkit.errors import ConfigError, StoppedError
 from rlhfkit.models import apply_lora, disable_dropout, merged_fp32
+from rlhfkit.models.loading import copy_out_of_files
 from rlhfkit.models.quant import is_4bit, nf4_config
 from rlhfkit.run import NonFiniteError, Run, check_finite
 
 
 def prepare_model(model, cfg: ModelArgs, modules_to_save: list[str] | None = None):
     """Dropout off, frozen bottom layers, gradient checkpointing, LoRA, then frozen linear weights
-    in bf16 under bf16 mixed precision: in that order, on a freshly loaded model."""
+    in bf16 under bf16 mixed precision (and the rest copied out of the loaded file's mapping): in that
+    order, on a freshly loaded model."""
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.trainable_layers > 0:
@@ -43,6 +45,7 @@ def prepare_model(model, cfg: ModelArgs, modules_to_save: list[str] | None = Non
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and not is_4bit(module):
                 module.to(torch.bfloat16)
+        copy_out_of_files(model)  # the weights left in fp32 no longer hold the whole loaded file in memory
     model.train()
     return model
 
