@@ -264,30 +264,32 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, demos):
     assert_same_weights(final_weights(a), final_weights(b), atol=1e-5)
 
 
-def test_bf16_storage_lets_the_loaded_file_go():
+@pytest.mark.parametrize("storage", ["bf16", "4bit"])
+def test_replaced_weights_let_the_loaded_file_go(storage):
     """from_pretrained maps the bundled model's safetensors file. Under bf16 storage the frozen linears
-    become bf16 copies, and the weights left in fp32 (embeddings, norms) are copied out too, so the
-    mapping and the 0.5 GB of file pages it kept resident go: none of the model's weights read the file,
-    and the process's resident file pages fall by more than 0.4 GB. Run in a fresh process: a model
-    loaded elsewhere in this one would keep the mapping."""
-    script = """
+    become bf16 copies (under --load-in-4bit, 4-bit ones), and the weights left in fp32 (embeddings,
+    norms) are copied out too, so the mapping and the 0.5 GB of file pages it kept resident go: none of
+    the model's weights read the file, and the process's resident file pages fall by more than 0.4 GB.
+    Run in a fresh process: a model loaded elsewhere in this one would keep the mapping."""
+    script = f"""
 import gc, json
 from rlhfkit.models import load_causal_lm
 from rlhfkit.models.loading import mapped_files
-from rlhfkit.train.common import prepare_model
+from rlhfkit.train.common import prepare_model, quantization
 from rlhfkit.train.sft import SFTConfig
 
 def file_mb():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssFile")) / 1024
 
-model = load_causal_lm("smollm2-135m-instruct")[0]
+cfg = SFTConfig(lora_r=8, **({{"mixed_precision": "bf16"}} if "{storage}" == "bf16" else {{"load_in_4bit": True}}))
+model = load_causal_lm("smollm2-135m-instruct", quantization=quantization(cfg))[0]
 for p in model.parameters():
     p.data.sum()  # every page read, as training reads them
 read, before = file_mb(), len(mapped_files())
-model = prepare_model(model, SFTConfig(lora_r=8, mixed_precision="bf16"))
+model = prepare_model(model, cfg)
 gc.collect()
 in_file = [n for n, p in model.named_parameters() if any(a <= p.data_ptr() < b for a, b in mapped_files())]
-print(json.dumps({"read": read, "after": file_mb(), "mapped_before": before, "in_file": in_file}))
+print(json.dumps({{"read": read, "after": file_mb(), "mapped_before": before, "in_file": in_file}}))
 """
     out = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

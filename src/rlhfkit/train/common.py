@@ -29,8 +29,8 @@ from rlhfkit.run import NonFiniteError, Run, check_finite
 
 def prepare_model(model, cfg: ModelArgs, modules_to_save: list[str] | None = None):
     """Dropout off, frozen bottom layers, gradient checkpointing, LoRA, then frozen linear weights
-    in bf16 under bf16 mixed precision (and the rest copied out of the loaded file's mapping): in that
-    order, on a freshly loaded model."""
+    in bf16 under bf16 mixed precision (those left, and a 4-bit base's, copied out of the loaded file's
+    mapping): in that order, on a freshly loaded model."""
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.trainable_layers > 0:
@@ -45,7 +45,8 @@ def prepare_model(model, cfg: ModelArgs, modules_to_save: list[str] | None = Non
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and not is_4bit(module):
                 module.to(torch.bfloat16)
-        copy_out_of_files(model)  # the weights left in fp32 no longer hold the whole loaded file in memory
+    if cfg.mixed_precision == "bf16" or cfg.load_in_4bit:  # the linears' loaded weights were replaced:
+        copy_out_of_files(model)  # those left in fp32 no longer hold the whole loaded file in memory
     model.train()
     return model
 
