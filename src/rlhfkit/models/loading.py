@@ -226,23 +226,18 @@ def mapped_files(suffix: str = ".safetensors") -> list[tuple[int, int]]:
     return ranges
 
 
-def copy_out_of_files(model: torch.nn.Module) -> int:
+def copy_out_of_files(model: torch.nn.Module) -> None:
     """Copy into ordinary memory each weight of ``model`` that still reads the safetensors file it was
-    loaded from; returns the bytes copied.
+    loaded from.
 
     ``from_pretrained`` maps the file and hands out tensors over the mapping. Every page read stays
     resident in this process (it counts in RSS) while any tensor over the mapping lives. Once some
     weights were replaced (bf16 copies of the frozen linears), the few left (embeddings, norms) keep the
     whole fp32 file resident: 0.5 GB for the bundled model. Copying them lets the mapping go."""
     ranges = mapped_files()
-    copied, seen = 0, set()
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) in seen or t.device.type != "cpu" or not any(a <= t.data_ptr() < b for a, b in ranges):
-            continue
-        seen.add(id(t))
-        t.data = t.data.clone()
-        copied += t.numel() * t.element_size()
-    return copied
+    for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():  # a tied weight once
+        if t.device.type == "cpu" and any(a <= t.data_ptr() < b for a, b in ranges):
+            t.data = t.data.clone()
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
