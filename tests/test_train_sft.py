@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import signal
@@ -271,6 +272,8 @@ def test_replaced_weights_let_the_loaded_file_go(storage):
     norms) are copied out too, so the mapping and the 0.5 GB of file pages it kept resident go: none of
     the model's weights read the file, and the process's resident file pages fall by more than 0.4 GB.
     Run in a fresh process: a model loaded elsewhere in this one would keep the mapping."""
+    if storage == "4bit" and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed (pip install 'rlhfkit[qlora]')")
     script = f"""
 import gc, json
 from rlhfkit.models import load_causal_lm
