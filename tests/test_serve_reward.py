@@ -140,24 +140,25 @@ def test_kill_and_restart_serves_the_same_rewards(tiny_rm):
 
 @pytest.mark.slow
 def test_load_50_clients_bundled_model(tmp_path):
-    """50 concurrent clients x 20 requests of 1-2 texts each against the bundled model's reward model:
+    """50 concurrent clients x 8 requests of 1-2 texts each against the bundled model's reward model:
     no errors, every reward equal to offline scoring of the same text (1e-4: batches pad differently),
     fewer forward groups than requests (dynamic batching), p50/p99 reported."""
     from rlhfkit.models.reward import load_reward_model, save_reward_model
 
+    per_client = 8  # 400 requests: p99 over 400 latencies
     folder = tmp_path / "rm"
     rm, tok = load_reward_model("smollm2-135m-instruct", seed=0)
     save_reward_model(rm, tok, folder)
     del rm
     words = ["cats", "rain", "tea", "the sea", "trains", "maths", "music", "bread"]
     jobs = [[(f"Tell me about {words[(c + r + i) % 8]}.", f"Answer {i}: " + "it is nice " * (1 + (c * r + i) % 6))
-             for i in range(1 + (c + r) % 2)] for c in range(50) for r in range(20)]
+             for i in range(1 + (c + r) % 2)] for c in range(50) for r in range(per_client)]
     s = Server(folder)
     try:
         def client(c: int):
             out = []
-            for r in range(20):
-                pairs = jobs[c * 20 + r]
+            for r in range(per_client):
+                pairs = jobs[c * per_client + r]
                 t0 = time.perf_counter()
                 code, body = request(s.url + "/v1/score", {"prompts": [p for p, _ in pairs], "responses": [x for _, x in pairs]})
                 out.append((code, body, time.perf_counter() - t0))
@@ -170,7 +171,7 @@ def test_load_50_clients_bundled_model(tmp_path):
         batches = request(s.url + "/health", None, method="GET")[1]["batches"]
     finally:
         s.kill()
-    assert [code for code, _, _ in results] == [200] * 1000
+    assert [code for code, _, _ in results] == [200] * (50 * per_client)
     got = [v for _, body, _ in results for v in body["rewards"]]
     flat = [p for job in jobs for p in job]
     unique = sorted(set(flat))  # offline scoring of each distinct text once
@@ -178,9 +179,9 @@ def test_load_50_clients_bundled_model(tmp_path):
     assert got == pytest.approx([scored[p] for p in flat], abs=1e-4)
     latency = sorted(t for _, _, t in results)
     p50, p99 = statistics.median(latency), latency[int(0.99 * len(latency))]
-    print(f"\nload: 1000 requests ({len(flat)} texts) in {wall:.1f} s = {len(flat) / wall:.1f} texts/s; "
+    print(f"\nload: {50 * per_client} requests ({len(flat)} texts) in {wall:.1f} s = {len(flat) / wall:.1f} texts/s; "
           f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms; {batches} forward groups")
-    assert batches < 1000
+    assert batches < 50 * per_client
 
 
 def test_http_reward_client_faults():

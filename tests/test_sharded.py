@@ -34,6 +34,22 @@ def data(tmp_path) -> dict:
     return write_stage_data(tmp_path)
 
 
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory):
+    """``stage_runs(stage, config)``: the run of :func:`stage_args` for ``stage``, on one process (``config``
+    None) or under a launch config, made once for the tests of this module that compare the same runs."""
+    folder = tmp_path_factory.mktemp("stage-runs")
+    d = write_stage_data(folder)
+    made: dict = {}
+
+    def run(stage: str, config: str | None = None) -> Path:
+        if (stage, config) not in made:
+            made[stage, config] = cli(stage_args(stage, d), folder / "runs", f"{stage}-{config or 'one'}", config=config)
+        return made[stage, config]
+
+    return run
+
+
 def write_stage_data(folder: Path) -> dict:
     """The files :func:`stage_args` reads (demonstrations, pairs, prompts, a rule reward), in ``folder``."""
     demos = [{"prompt": f"Count to {i % 7 + 1}.", "response": " ".join(str(k) for k in range(1, i % 7 + 2))}
@@ -114,14 +130,12 @@ def assert_same_runs(a: Path, b: Path, keys: list[str], atol: float) -> None:
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "pg", "ppo"])
-def test_fsdp2_two_processes_equal_one_process_with_accumulation(tmp_path, data, stage):
+def test_fsdp2_two_processes_equal_one_process_with_accumulation(stage_runs, stage):
     """Two CPU processes under configs/accelerate/fsdp2.yaml (parameters, gradients and optimiser state
     sharded; the RL stages gather the weights to sample) log the same losses and write the same final
     weights as one process with accumulation 2 (the RL stages draw each response from its own stream,
     so both sample the same responses), within float rounding."""
-    args = stage_args(stage, data)
-    one = cli(args, tmp_path / "runs", "one")
-    two = cli(args, tmp_path / "runs", "fsdp2", config="fsdp2")
+    one, two = stage_runs(stage), stage_runs(stage, "fsdp2")
     assert_same_runs(one, two, COMPARED[stage], atol=2e-5)
     if stage in ("pg", "ppo"):  # held out on the main process, with the gathered weights
         held = [json.loads((run / "heldout.json").read_text())["rewards"]["reward"] for run in (one, two)]
@@ -180,13 +194,11 @@ def test_fsdp2_in_bf16_trains_as_one_process_does(tmp_path, data):
     assert moved > 0 and apart < 0.02 * moved, (apart / moved).item()
 
 
-def test_ddp_config_equals_one_process(tmp_path, data):
+def test_ddp_config_equals_one_process(stage_runs):
     """configs/accelerate/ddp.yaml (a GPU config) on a machine without a GPU: the two processes form one
     gloo group and equal one process with accumulation 2, learning-rate schedule included (accelerate's
     scheduler wrapper stepped it once per process per step: the schedule ran twice as fast)."""
-    args = stage_args("sft", data)
-    one = cli(args, tmp_path / "runs", "one")
-    two = cli(args, tmp_path / "runs", "ddp", config="ddp")
+    one, two = stage_runs("sft"), stage_runs("sft", "ddp")
     lrs = [[m["lr"] for m in logged(run) if "lr" in m] for run in (one, two)]
     assert len(lrs[0]) == 4 and lrs[1] == pytest.approx(lrs[0], abs=1e-12)
     assert_same_runs(one, two, COMPARED["sft"], atol=2e-5)
@@ -251,15 +263,13 @@ def _kill_tree(pid: int) -> None:
 
 
 @pytest.mark.parametrize("stage", ["rm", "pg"])
-def test_fsdp2_final_loads_with_transformers_and_scores_as_one_process(tmp_path, data, stage):
+def test_fsdp2_final_loads_with_transformers_and_scores_as_one_process(stage_runs, stage):
     """The final/ of an FSDP2 run is a full Hugging Face folder (gathered, LoRA merged for pg) that
     transformers loads; it gives the logits (pg: a causal LM) or scores (rm: a sequence classifier) of the
     one-process run's final model."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    args = stage_args(stage, data)
-    one = cli(args, tmp_path / "runs", "one")
-    two = cli(args, tmp_path / "runs", "fsdp2", config="fsdp2")
+    one, two = stage_runs(stage), stage_runs(stage, "fsdp2")
     cls = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
     tok = AutoTokenizer.from_pretrained(two / "final")
     batch = tok(["Question 3? Thank you for asking, the answer is 3.", "How do I plot? Use matplotlib."],

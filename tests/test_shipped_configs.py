@@ -1,6 +1,6 @@
 """Every config in configs/ and the README's commands run, through the command line, on the bundled
 model under the dtype each config sets (fp32 instead of bf16 where the CPU has no native bf16, see
-conftest.BUNDLED_PRECISION), cut to one optimiser step and a few records. A shipped command
+conftest.BUNDLED_PRECISION), cut to one optimiser step of a small batch and a few records. A shipped command
 that breaks (as `rlhfkit ppo --config configs/ppo-rule.yaml` did when the reward head's dtype changed)
 fails here, not in a user's hands."""
 
@@ -20,12 +20,13 @@ pytestmark = pytest.mark.slow
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 
-# flags that cut a config down to one step and a few records, by the stage it runs
+# flags that cut a config down to one step of a small batch and a few records, by the stage it runs (the
+# config's other settings, micro-batching and accumulation included, stay as shipped)
 CUT = {
-    "rm train": ["--max-steps", "1", "--limit", "16", "--eval-size", "4", "--ood-fit", "0"],
-    "dpo": ["--max-steps", "1", "--limit", "16", "--eval-size", "4"],
+    "rm train": ["--max-steps", "1", "--limit", "16", "--eval-size", "4", "--ood-fit", "0", "--batch-size", "4"],
+    "dpo": ["--max-steps", "1", "--limit", "16", "--eval-size", "4", "--batch-size", "4"],
     "sft": ["--max-steps", "1"],
-    "ppo": ["--max-steps", "1", "--eval-prompts", "2", "--max-new-tokens", "8"],
+    "ppo": ["--max-steps", "1", "--eval-prompts", "2", "--max-new-tokens", "8", "--batch-size", "8"],
     "pg": ["--max-steps", "1", "--eval-prompts", "2", "--max-new-tokens", "8"],
 }
 
