@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -30,6 +31,11 @@ def _native_bf16() -> bool:
 # bf16 code paths stay covered on the tiny model, whatever the CPU.
 NATIVE_BF16 = _native_bf16()
 BUNDLED_PRECISION = "bf16" if NATIVE_BF16 else "no"
+
+
+# QLoRA's tests need bitsandbytes (the qlora extra)
+needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                        reason="bitsandbytes is not installed (pip install 'rlhfkit[qlora]')")
 
 
 def shared(relpath: str) -> Path:

@@ -4,7 +4,6 @@ is the 4-bit base with the adapter off; bitsandbytes is imported without its hub
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,10 +11,9 @@ import subprocess
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, write_jsonl
+from conftest import PYTHON, ROOT, needs_bitsandbytes, write_jsonl
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                                reason="bitsandbytes (the qlora extra) is not installed")
+pytestmark = needs_bitsandbytes
 
 
 def lora_model(kind: str):

@@ -145,14 +145,14 @@ def test_load_50_clients_bundled_model(tmp_path):
     fewer forward groups than requests (dynamic batching), p50/p99 reported."""
     from rlhfkit.models.reward import load_reward_model, save_reward_model
 
-    per_client = 8  # 400 requests: p99 over 400 latencies
+    clients, per_client = 50, 8  # 400 requests: p99 over 400 latencies
     folder = tmp_path / "rm"
     rm, tok = load_reward_model("smollm2-135m-instruct", seed=0)
     save_reward_model(rm, tok, folder)
     del rm
     words = ["cats", "rain", "tea", "the sea", "trains", "maths", "music", "bread"]
     jobs = [[(f"Tell me about {words[(c + r + i) % 8]}.", f"Answer {i}: " + "it is nice " * (1 + (c * r + i) % 6))
-             for i in range(1 + (c + r) % 2)] for c in range(50) for r in range(per_client)]
+             for i in range(1 + (c + r) % 2)] for c in range(clients) for r in range(per_client)]
     s = Server(folder)
     try:
         def client(c: int):
@@ -165,13 +165,13 @@ def test_load_50_clients_bundled_model(tmp_path):
             return out
 
         t0 = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(50) as pool:
-            results = [x for part in pool.map(client, range(50)) for x in part]
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            results = [x for part in pool.map(client, range(clients)) for x in part]
         wall = time.perf_counter() - t0
         batches = request(s.url + "/health", None, method="GET")[1]["batches"]
     finally:
         s.kill()
-    assert [code for code, _, _ in results] == [200] * (50 * per_client)
+    assert [code for code, _, _ in results] == [200] * len(jobs)
     got = [v for _, body, _ in results for v in body["rewards"]]
     flat = [p for job in jobs for p in job]
     unique = sorted(set(flat))  # offline scoring of each distinct text once
@@ -179,9 +179,9 @@ def test_load_50_clients_bundled_model(tmp_path):
     assert got == pytest.approx([scored[p] for p in flat], abs=1e-4)
     latency = sorted(t for _, _, t in results)
     p50, p99 = statistics.median(latency), latency[int(0.99 * len(latency))]
-    print(f"\nload: {50 * per_client} requests ({len(flat)} texts) in {wall:.1f} s = {len(flat) / wall:.1f} texts/s; "
+    print(f"\nload: {len(jobs)} requests ({len(flat)} texts) in {wall:.1f} s = {len(flat) / wall:.1f} texts/s; "
           f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms; {batches} forward groups")
-    assert batches < 50 * per_client
+    assert batches < len(jobs)
 
 
 def test_http_reward_client_faults():

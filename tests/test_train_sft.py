@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import signal
@@ -10,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, ROOT
+from conftest import PYTHON, ROOT, needs_bitsandbytes
 from rlhfkit.data.batching import collate
 from rlhfkit.data.errors import DataError
 from rlhfkit.data.template import encode_examples
@@ -265,15 +264,13 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, demos):
     assert_same_weights(final_weights(a), final_weights(b), atol=1e-5)
 
 
-@pytest.mark.parametrize("storage", ["bf16", "4bit"])
+@pytest.mark.parametrize("storage", ["bf16", pytest.param("4bit", marks=needs_bitsandbytes)])
 def test_replaced_weights_let_the_loaded_file_go(storage):
     """from_pretrained maps the bundled model's safetensors file. Under bf16 storage the frozen linears
     become bf16 copies (under --load-in-4bit, 4-bit ones), and the weights left in fp32 (embeddings,
     norms) are copied out too, so the mapping and the 0.5 GB of file pages it kept resident go: none of
     the model's weights read the file, and the process's resident file pages fall by more than 0.4 GB.
     Run in a fresh process: a model loaded elsewhere in this one would keep the mapping."""
-    if storage == "4bit" and importlib.util.find_spec("bitsandbytes") is None:
-        pytest.skip("bitsandbytes is not installed (pip install 'rlhfkit[qlora]')")
     script = f"""
 import gc, json
 from rlhfkit.models import load_causal_lm
