@@ -118,7 +118,7 @@ class RunArgs:
     resume: bool = False
     """Continue the named run (or the newest unfinished run of this stage) from its last good checkpoint."""
     save_every: int = 50
-    """Write a checkpoint every N optimiser steps (and always at the end)."""
+    """Write a checkpoint every N optimiser steps, and always at the end (0: only at the end)."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk; older ones are deleted."""
     eval_every: int = 0

@@ -389,7 +389,15 @@ _libc = None
 
 
 def should_save(cfg, step: int, steps: int) -> bool:
-    return step % cfg.save_every == 0 or step == steps
+    """Whether to write a checkpoint after optimiser step ``step`` (1-based) of ``steps``: every
+    ``save_every`` steps, and always after the last; with ``save_every`` 0 or less, only after the last.
+
+    >>> [s for s in range(1, 6) if should_save(type("C", (), {"save_every": 2}), s, 5)]
+    [2, 4, 5]
+    >>> [s for s in range(1, 6) if should_save(type("C", (), {"save_every": 0}), s, 5)]
+    [5]
+    """
+    return step == steps or (cfg.save_every > 0 and step % cfg.save_every == 0)
 
 
 class stop_on_nonfinite:
