@@ -10,10 +10,22 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+def timings(fn, repeats: int) -> list[float]:
+    """Seconds for each of ``repeats`` calls of ``fn``, after one call to warm up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def pairs(n: int):

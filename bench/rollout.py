@@ -39,6 +39,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from _common import timings
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -61,13 +62,7 @@ def probe() -> dict:
     x = torch.randn(64 * 2**20)
 
     def best(fn, n):
-        fn()
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
+        return min(timings(fn, n))
 
     kernels = {"blas": lambda: a @ b}
     if torch.backends.mkldnn.is_available():

@@ -26,11 +26,10 @@ def _native_bf16() -> bool:
     return cpu_has_native_bf16()
 
 
-# The tests that run the bundled model under bf16 autocast do so only where the CPU has native bf16;
-# elsewhere bf16 matrix products are emulated (about 30x slower than fp32) and those tests use fp32. The
-# bf16 code paths stay covered on the tiny model, whatever the CPU.
+# Whether this CPU has bf16 units. Elsewhere the stages route bf16 products through the fp32 kernels
+# (rlhfkit.device.bf16_products_through_fp32); a test that runs bf16 autocast itself, outside a stage,
+# gets PyTorch's emulated kernels and uses fp32 there instead.
 NATIVE_BF16 = _native_bf16()
-BUNDLED_PRECISION = "bf16" if NATIVE_BF16 else "no"
 
 
 # QLoRA's tests need bitsandbytes (the qlora extra)

@@ -16,7 +16,7 @@ from rlhfkit.data.template import encode_examples
 from rlhfkit.errors import ConfigError, StoppedError
 from rlhfkit.losses import sft_loss
 from rlhfkit.models import load_causal_lm
-from rlhfkit.train.common import BatchPlan, lr_factor
+from rlhfkit.train.common import BatchPlan, lr_factor, should_save
 from rlhfkit.train.sft import SFTConfig, n_supervised
 from rlhfkit.train.sft import run as train
 
@@ -296,3 +296,9 @@ print(json.dumps({{"read": read, "after": file_mb(), "mapped_before": before, "i
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["mapped_before"] >= 1 and result["in_file"] == []
     assert result["read"] - result["after"] > 400, result
+
+
+def test_save_every_zero_saves_only_at_the_end():
+    every = lambda n: type("Args", (), {"save_every": n})  # noqa: E731
+    assert [s for s in range(1, 8) if should_save(every(3), s, 7)] == [3, 6, 7]
+    assert [s for s in range(1, 8) if should_save(every(0), s, 7)] == [7]

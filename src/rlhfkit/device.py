@@ -28,8 +28,9 @@ from rlhfkit.errors import ConfigError
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (x86: AVX512-BF16 or AMX; Arm: the BF16
-    extension). Without it PyTorch emulates bf16 matrix products, many times slower than fp32 (about
-    30x on one AVX2 machine here). True where the CPU's flags cannot be read (nothing to warn about)."""
+    extension). Without it PyTorch emulates bf16 matrix products, many times slower than fp32, and the
+    stages route them through fp32 kernels instead (:func:`bf16_products_through_fp32`). True where the
+    CPU's flags cannot be read (PyTorch's kernels are then left alone)."""
     try:
         flags = {f for line in open("/proc/cpuinfo") if line.lower().startswith(("flags", "features"))
                  for f in line.split(":", 1)[1].split()}
@@ -182,9 +183,9 @@ def bf16_products_through_fp32() -> None:
     """From now on in this process, run bf16 matrix products on the CPU (aten ``mm``, ``addmm``,
     ``bmm``: every linear layer, forward and backward) through the fp32 kernels; see
     :func:`_bf16_through_fp32` for what is computed. For CPUs without bf16 units (no AVX512-BF16 or
-    AMX), where PyTorch's own bf16 products are emulated: a (2048 x 576) @ (576 x 1536) product took
-    234 ms in bf16 and 32 ms this way on one AVX2 machine (``bench/bf16_cpu.py``). The tensors autograd
-    saves stay bf16, so memory is what bf16 needs, plus the operands' fp32 copies during each call.
+    AMX), where PyTorch's own bf16 products are emulated and run many times slower than fp32
+    (``bench/bf16_cpu.py`` prints this machine's figures). The tensors autograd saves stay bf16, so
+    memory is what bf16 needs, plus the operands' fp32 copies during each call.
     Idempotent; other devices and dtypes are untouched."""
     if _BF16_KERNELS:
         return
