@@ -163,15 +163,11 @@ def _bf16_through_fp32(op):
     ``out=`` overload, which this does not replace)."""
     out_op = getattr(torch.ops.aten, op).out
 
-    def kernel(*args, **kwargs):
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if tensors[0].dtype == torch.bfloat16:
-            wide = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
-            return kernel(*wide, **kwargs).to(torch.bfloat16)
-        shape = {"mm": lambda a, b: (a.shape[0], b.shape[1]),
-                 "addmm": lambda c, a, b: (a.shape[0], b.shape[1]),
-                 "bmm": lambda a, b: (a.shape[0], a.shape[1], b.shape[2])}[op](*args[:3 if op == "addmm" else 2])
-        return out_op(*args, **kwargs, out=tensors[0].new_empty(shape))
+    def kernel(*args, **kwargs):  # args: the op's tensors (beta and alpha come as kwargs)
+        if args[0].dtype == torch.bfloat16:
+            wide = [a.float() for a in args]
+            return out_op(*wide, **kwargs, out=wide[0].new_empty(0)).to(torch.bfloat16)
+        return out_op(*args, **kwargs, out=args[0].new_empty(0))  # the op sizes its empty output
 
     return kernel
 

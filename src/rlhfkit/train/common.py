@@ -228,10 +228,9 @@ def full_model(accelerator, model):
 def shard_frozen(accelerator, model, name: str, log) -> None:
     """Under FSDP2, shard a frozen model (a separate reference, a reward model) in place as accelerate
     shards the trained one: each decoder layer, then the whole, over every process, with the launch
-    config's offload. Each
-    layer is all-gathered for its forward and freed after, so every process holds 1/N of its weights
-    between forwards; ``log`` says the main process's share. Every process must then call it equally
-    often (:func:`gathered` lifts that). Nothing happens when nothing is sharded."""
+    config's offload. Each layer is all-gathered for its forward and freed after, so every process
+    holds 1/N of its weights between forwards; ``log`` says the main process's share. Every process must
+    then call it equally often (:func:`gathered` lifts that). Nothing happens when nothing is sharded."""
     if not accelerator.is_fsdp2:
         return
     from torch.distributed.fsdp import fully_shard
