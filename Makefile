@@ -21,18 +21,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/rlhfkit pipeline --config configs/quickstart.yaml
 
-# The layers contract (import-linter, pyproject.toml), then the whole suite; then the vLLM engine's
+# The layers contract (import-linter, pyproject.toml), then the whole suite, one worker per core
+# (pytest-xdist; tests/conftest.py splits the cores' threads between them); then the vLLM engine's
 # tests in their own environment when it exists (make vllm-venv), skipped with the reason otherwise.
 test: $(STAMP) test-deps
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n auto --dist worksteal --durations=15
 	@if [ -x .venv-vllm/bin/python ]; then .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_rollout_vllm.py; \
 	else echo "tests/test_rollout_vllm.py not run: no .venv-vllm (make vllm-venv builds it)"; fi
 
 # For iterating: the same without the tests marked slow (the bundled model, several processes).
 test-quick: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist worksteal -m "not slow"
 
 # A separate environment for side-by-side benchmarks: TRL is installed here only.
 bench-venv: .venv-bench/.installed

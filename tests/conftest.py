@@ -19,6 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RLHFKIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 PYTHON = sys.executable
 
+# Under pytest-xdist (`make test` runs `-n auto`) the workers share the cores: each worker, and every
+# process it starts, gets its share of them as threads, set before torch is imported. Two torch
+# processes of a full core count each on the same cores would wait on each other's threads.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def _native_bf16() -> bool:
     from rlhfkit.device import cpu_has_native_bf16
