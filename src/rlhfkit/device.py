@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, GradientAccumulationPlugin
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
 from torch.overrides import TorchFunctionMode
 
 from rlhfkit.config import ModelArgs
@@ -52,11 +52,37 @@ def make_accelerator(cfg: ModelArgs, grad_accum: int = 1):
     plugin = GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False)
     # the stages step their schedule once per optimiser step themselves: accelerate's scheduler wrapper
     # would step it once per process (it assumes the per-process batch grows with the world)
+    zero_on_cpu = cpu_launch() and deepspeed_requested()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_plugin=plugin,
-                              cpu=cpu_launch(), step_scheduler_with_optimizer=False)
+                              cpu=cpu_launch() and not zero_on_cpu, step_scheduler_with_optimizer=False,
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if zero_on_cpu else None)
     if accelerator.distributed_type == DistributedType.MULTI_CPU and fsdp_requested():
         shard_on_cpu(accelerator, cfg.mixed_precision)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator.state.deepspeed_plugin, cfg, grad_accum)
     return accelerator
+
+
+def configure_deepspeed(plugin, cfg: ModelArgs, grad_accum: int) -> None:
+    """The stage's own settings in the DeepSpeed config the launch config gave: its accumulation (accelerate
+    would otherwise take the config's and overrule the stage's), its clipping, and a micro-batch size
+    (DeepSpeed's bookkeeping only: the stages cut their own micro-batches). Models load whole, as under
+    every other strategy, unless the launch config sets ``zero3_init_flag``: accelerate registers the
+    ZeRO-3 config with transformers either way, and transformers then builds every model partitioned,
+    each process drawing its own random weights for its own part."""
+    ds = plugin.deepspeed_config
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["gradient_clipping"] = getattr(cfg, "max_grad_norm", 1.0)
+    ds["train_micro_batch_size_per_gpu"] = getattr(cfg, "micro_batch_size", 1)
+    if not plugin.zero3_init_flag:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
+def deepspeed_requested() -> bool:
+    """Whether the launch config asked for DeepSpeed (``accelerate launch`` sets ACCELERATE_USE_DEEPSPEED)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def cpu_launch() -> bool:

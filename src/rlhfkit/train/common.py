@@ -16,10 +16,11 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import DistributedType
 
 from rlhfkit.config import ModelArgs, OptimArgs, accumulation_steps, print_config
 from rlhfkit.data.batching import split_by_tokens
-from rlhfkit.device import fsdp_requested, make_accelerator, world_size
+from rlhfkit.device import deepspeed_requested, fsdp_requested, make_accelerator, world_size
 from rlhfkit.errors import ConfigError, StoppedError
 from rlhfkit.models import apply_lora, disable_dropout, merged_fp32
 from rlhfkit.models.loading import copy_out_of_files
@@ -58,9 +59,9 @@ def quantization(cfg: ModelArgs):
         return None
     if cfg.lora_r <= 0:
         raise ConfigError("--load-in-4bit trains a LoRA adapter on a frozen 4-bit base: set --lora-r (e.g. 16)")
-    if fsdp_requested():
-        raise ConfigError("--load-in-4bit under FSDP: bitsandbytes' 4-bit weights are not sharded here; "
-                          "use one process or DDP (configs/accelerate/ddp.yaml)")
+    if fsdp_requested() or deepspeed_requested():
+        raise ConfigError(f"--load-in-4bit under {'FSDP' if fsdp_requested() else 'DeepSpeed'}: bitsandbytes' 4-bit "
+                          "weights are not sharded here; use one process or DDP (configs/accelerate/ddp.yaml)")
     return nf4_config(torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
 
 
@@ -182,6 +183,16 @@ def save_hf(accelerator, model, tokenizer, folder) -> None:
 _SKELETONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (root's skeleton, root, name)
 
 
+def zero3(accelerator) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the trained model's parameters over the processes."""
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def shards_parameters(accelerator) -> bool:
+    """Whether the trained model's parameters are split over the processes (FSDP2 or ZeRO-3)."""
+    return accelerator.is_fsdp2 or zero3(accelerator)
+
+
 def keep_skeleton(model) -> None:
     """Remember ``model``'s structure (modules, adapters, heads, tied weights) on the meta device, taking
     no memory, before FSDP shards it in place: :func:`full_model` fills it with the gathered weights, for
@@ -212,7 +223,13 @@ def full_model(accelerator, model):
     if unwrapped not in _SKELETONS:
         return unwrapped
     skeleton, root, name = _SKELETONS[unwrapped]
-    state = accelerator.get_state_dict(root)
+    if zero3(accelerator):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(root.parameters())):
+            state = {k: v.detach().clone() for k, v in root.state_dict().items()} if accelerator.is_main_process else None
+    else:
+        state = accelerator.get_state_dict(root)
     if not accelerator.is_main_process:
         return None
     from transformers import PreTrainedModel
@@ -256,6 +273,10 @@ def gathered(accelerator, model):
     numbers of forwards inside (sampling to different lengths, held-out evaluation on one process);
     resharded on exit. ``model`` may be a module inside the prepared one: the whole prepared model is
     gathered. Nothing happens when nothing is sharded. No backward inside."""
+    if zero3(accelerator):
+        with zero3_gathered(accelerator):
+            yield
+        return
     if not accelerator.is_fsdp2:
         yield
         return
@@ -276,6 +297,27 @@ def gathered(accelerator, model):
             g.post_forward_mesh_info = info
         for m in modules:
             m.reshard()
+
+
+@contextlib.contextmanager
+def zero3_gathered(accelerator):
+    """:func:`gathered` under DeepSpeed ZeRO-3: the partitions all-gathered, and DeepSpeed's module hooks
+    off inside the block, since they fetch and release parameters and check that every process runs the
+    same forwards (collectives), while processes here sample to different lengths and one process alone
+    makes the held-out comparison. The hooks are put back on exit. This is what TRL does to generate
+    under ZeRO-3; it goes through DeepSpeed's ``parameter_offload``, not a public API."""
+    import deepspeed
+
+    offload = accelerator.deepspeed_engine_wrapped.engine.optimizer.parameter_offload
+    with deepspeed.zero.GatheredParameters(list(offload.module.parameters())):
+        for p in offload.module.parameters():
+            p.ds_active_sub_modules.clear()
+        offload._remove_module_hooks()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload.setup_zero_stage3_hooks()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,9 +349,10 @@ def prepare_training(accelerator, run, cfg, model, n_examples: int, log, lengths
     """Batch plan, optimiser and schedule, ``accelerator.prepare``, and the resume point.
 
     Returns (model, optimizer, scheduler, plan, steps, start_step)."""
-    if token_budget and accelerator.is_fsdp2:
-        raise ConfigError("--micro-batch-tokens under FSDP: processes would make different numbers of sharded "
-                          "passes per step; use --micro-batch-size")
+    if token_budget and (accelerator.is_fsdp2 or accelerator.distributed_type == DistributedType.DEEPSPEED):
+        raise ConfigError(f"--micro-batch-tokens under {'FSDP' if accelerator.is_fsdp2 else 'DeepSpeed'}: processes "
+                          "would make different numbers of passes per step (DeepSpeed steps after a fixed number); "
+                          "use --micro-batch-size")
     plan = BatchPlan(n_examples, cfg.batch_size, cfg.micro_batch_size, world_size(), accelerator.process_index,
                      cfg.seed, lengths=lengths, token_budget=token_budget)
     steps = total_steps(cfg, plan)
@@ -321,7 +364,7 @@ def prepare_optimisation(accelerator, run, cfg, model, updates: int, log):
     """Optimiser and schedule over ``updates`` optimiser steps, ``accelerator.prepare``, and the
     resume point. Returns (model, optimizer, scheduler, start_step)."""
     optimizer, scheduler = build_optimizer(model, cfg, updates)
-    if accelerator.is_fsdp2:
+    if shards_parameters(accelerator):
         keep_skeleton(model)
         broadcast_weights(model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

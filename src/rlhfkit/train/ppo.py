@@ -52,6 +52,7 @@ from rlhfkit.train.common import (
     optimizer_step,
     prepare_model,
     quantization,
+    shards_parameters,
     stop_on_nonfinite,
 )
 from rlhfkit.train.rl import (
@@ -320,7 +321,7 @@ def run(cfg: PPOConfig) -> Run:
                 metrics.update({f"reward/{k}": v for k, v in reward.last_terms.items()})
             end_step(s, cfg, bar, step, metrics, batch)
 
-        if not accelerator.is_fsdp2:  # (sharded, its shards are part of the model final/ is gathered from)
+        if not shards_parameters(accelerator):  # (sharded, its shards are part of the model final/ is gathered from)
             inner.critic = None  # trained and checkpointed; not needed for the comparison or final/: freed
         return finish(s, cfg, inner.policy, CURVES)
 

@@ -36,6 +36,7 @@ from rlhfkit.train.common import (
     release_freed_memory,
     save_hf,
     shard_frozen,
+    shards_parameters,
     should_save,
     start_stage,
     total_steps,
@@ -162,9 +163,10 @@ def prepare_rl(s: RLSetup, cfg, model, policy_of=lambda m: m):
     """Optimiser over every update of the run, ``accelerator.prepare``, resume; the reference on the
     device; the rollout engine over the prepared policy (``policy_of`` picks it out of the unwrapped
     model). Returns (model, optimizer, scheduler, start step, the unwrapped model)."""
-    if s.accelerator.is_fsdp2 and cfg.rollout != "hf":
-        raise ConfigError(f"--rollout {cfg.rollout} under FSDP: its weight sync needs whole tensors, not shards; "
-                          "use --rollout hf (it samples with the gathered weights) or DDP")
+    if shards_parameters(s.accelerator) and cfg.rollout != "hf":
+        raise ConfigError(f"--rollout {cfg.rollout} under {'FSDP' if s.accelerator.is_fsdp2 else 'DeepSpeed ZeRO-3'}: "
+                          "its weight sync needs whole tensors, not shards; use --rollout hf (it samples with the "
+                          "gathered weights) or DDP")
     updates = s.steps * cfg.ppo_epochs * cfg.num_minibatches
     model, optimizer, scheduler, start = prepare_optimisation(s.accelerator, s.run, cfg, model, updates, s.log)
     s.reference.to(s.accelerator.device)
