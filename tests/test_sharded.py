@@ -328,9 +328,11 @@ def test_deepspeed_and_offload_configs_are_what_accelerate_reads(config):
         assert cfg.distributed_type == "FSDP" and cfg.fsdp_config["fsdp_offload_params"] is True
 
 
-@pytest.mark.parametrize(("config", "stage"), [("zero2", "sft"), *(("zero3", s) for s in ["sft", "rm", "dpo", "pg", "ppo"])])
+@pytest.mark.parametrize(("config", "stage"), [("zero2", "sft"), ("zero3-offload", "sft"),
+                                               *(("zero3", s) for s in ["sft", "rm", "dpo", "pg", "ppo"])])
 def test_deepspeed_two_processes_equal_one_process_with_accumulation(stage_runs, config, stage):
-    """Two CPU processes under DeepSpeed ZeRO (configs/accelerate/zero2.yaml, zero3.yaml; gloo, as
+    """Two CPU processes under DeepSpeed ZeRO (configs/accelerate/zero2.yaml, zero3.yaml, and
+    zero3-offload.yaml, whose optimiser is DeepSpeed's CPU Adam, compiled at its first use; gloo, as
     DeepSpeed's CPU accelerator runs without oneCCL) log the same losses and write the same final
     weights as one process with accumulation 2. ZeRO-3 partitions the parameters: final/ is gathered
     from the partitions, and every process starts from the main process's random parts (LoRA's A,
