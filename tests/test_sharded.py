@@ -1,8 +1,8 @@
 """Training under the shipped accelerate configs (configs/accelerate/) on CPU processes over gloo: two
-processes under FSDP2 (and DDP) equal one process with accumulation 2 for every training stage, a
-SIGKILLed FSDP2 run resumes to the uninterrupted result, and the final/ of a sharded run is a plain
-Hugging Face folder that scores like the one-process model. DeepSpeed needs a GPU here: its configs are
-checked for what accelerate reads from them, and bench/gpu_check.sh runs them."""
+processes under FSDP2 and DeepSpeed ZeRO-3 (and ZeRO-2, DDP) equal one process with accumulation 2 for
+every training stage, a SIGKILLed FSDP2 or ZeRO-3 run resumes to the uninterrupted result, and the final/
+of a sharded run is a plain Hugging Face folder that scores like the one-process model. The DeepSpeed
+tests skip where DeepSpeed is not installed; bench/gpu_check.sh runs the configs on a GPU."""
 
 from __future__ import annotations
 
@@ -136,6 +136,12 @@ def assert_same_runs(a: Path, b: Path, keys: list[str], atol: float) -> None:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=atol, msg=k)
 
 
+def assert_same_heldout(a: Path, b: Path) -> None:
+    """The held-out comparison of two RL runs (made on the main process, with the gathered weights) agrees."""
+    held = [json.loads((run / "heldout.json").read_text())["rewards"]["reward"] for run in (a, b)]
+    assert held[1] == pytest.approx(held[0], abs=1e-4)
+
+
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "pg", "ppo"])
 def test_fsdp2_two_processes_equal_one_process_with_accumulation(stage_runs, stage):
     """Two CPU processes under configs/accelerate/fsdp2.yaml (parameters, gradients and optimiser state
@@ -145,8 +151,7 @@ def test_fsdp2_two_processes_equal_one_process_with_accumulation(stage_runs, sta
     one, two = stage_runs(stage), stage_runs(stage, "fsdp2")
     assert_same_runs(one, two, COMPARED[stage], atol=2e-5)
     if stage in ("pg", "ppo"):  # held out on the main process, with the gathered weights
-        held = [json.loads((run / "heldout.json").read_text())["rewards"]["reward"] for run in (one, two)]
-        assert held[1] == pytest.approx(held[0], abs=1e-4)
+        assert_same_heldout(one, two)
     checkpoint = two / "checkpoints" / "step-00000002"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()  # sharded
 
@@ -175,8 +180,7 @@ def test_fsdp2_shards_the_frozen_models_and_equals_one_process(tmp_path, data, s
         assert f"{name} sharded over 2 processes: 50.0% of its weights on this process" in printed[0], printed[0][-3000:]
     assert_same_runs(one, two, COMPARED[stage], atol=2e-5)
     if stage != "dpo":
-        held = [json.loads((run / "heldout.json").read_text())["rewards"]["reward"] for run in (one, two)]
-        assert held[1] == pytest.approx(held[0], abs=1e-4)
+        assert_same_heldout(one, two)
 
 
 def test_fsdp2_in_bf16_trains_as_one_process_does(tmp_path, data):
@@ -313,7 +317,8 @@ def test_fsdp2_final_loads_with_transformers_and_scores_as_one_process(stage_run
 def test_deepspeed_and_offload_configs_are_what_accelerate_reads(config):
     """The DeepSpeed configs and FSDP2's offload config (for GPUs: it pins host memory for a GPU) parse
     into accelerate's launch settings with the strategy they name, also where DeepSpeed is not installed.
-    The tests above train under zero2 and zero3 on CPU processes; bench/gpu_check.sh under zero3 on a GPU."""
+    The tests above train under the three DeepSpeed configs on CPU processes; bench/gpu_check.sh under zero3
+    on a GPU."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     cfg = load_config_from_file(str(CONFIGS / f"{config}.yaml"))
@@ -341,7 +346,6 @@ def test_deepspeed_two_processes_equal_one_process_with_accumulation(stage_runs,
     one, two = stage_runs(stage), stage_runs(stage, config)
     assert_same_runs(one, two, COMPARED[stage], atol=5e-5)  # DeepSpeed sums gradients in its own order
     if stage in ("pg", "ppo"):  # held out on the main process alone, with the gathered weights
-        held = [json.loads((run / "heldout.json").read_text())["rewards"]["reward"] for run in (one, two)]
-        assert held[1] == pytest.approx(held[0], abs=1e-4)
+        assert_same_heldout(one, two)
     checkpoint = two / "checkpoints" / "step-00000002"
     assert (checkpoint / "pytorch_model").is_dir()  # DeepSpeed's own sharded checkpoint
