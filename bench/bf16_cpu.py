@@ -1,5 +1,5 @@
 """bf16 matrix products on this CPU: PyTorch's own bf16 kernels, rlhfkit's route through the fp32 kernels
-(``rlhfkit.device.bf16_products_through_fp32``, which the stages take under ``--mixed-precision bf16``
+(``rlhfkit.platform.kernels.bf16_products_through_fp32``, which the stages take under ``--mixed-precision bf16``
 on a CPU without bf16 units), and fp32, side by side in one run.
 
 The products are the bundled model's (SmolLM2-135M: hidden 576, MLP 1536): a linear layer's forward and
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from _common import timings
 
-from rlhfkit.device import bf16_products_through_fp32, cpu_has_native_bf16
+from rlhfkit.platform.kernels import bf16_products_through_fp32, cpu_has_native_bf16
 
 SHAPES = {"train 1024 rows, 576 -> 1536": (1024, 576, 1536), "train 1024 rows, 1536 -> 576": (1024, 1536, 576),
           "decode 32 rows, 576 -> 1536": (32, 576, 1536)}

@@ -56,7 +56,7 @@ def prompts_for(tok, n: int) -> list[list[int]]:
 def probe() -> dict:
     """This machine's fp32 matmul peak (GFLOP/s, a 1024^3 product, the faster of ``F.linear``'s BLAS and
     oneDNN, which differ by 2x on some CPUs) and read bandwidth (GB/s)."""
-    from rlhfkit.device import onednn_linear
+    from rlhfkit.platform.kernels import onednn_linear
 
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     x = torch.randn(64 * 2**20)

@@ -27,13 +27,13 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 
 def _native_bf16() -> bool:
-    from rlhfkit.device import cpu_has_native_bf16
+    from rlhfkit.platform.kernels import cpu_has_native_bf16
 
     return cpu_has_native_bf16()
 
 
 # Whether this CPU has bf16 units. Elsewhere the stages route bf16 products through the fp32 kernels
-# (rlhfkit.device.bf16_products_through_fp32); a test that runs bf16 autocast itself, outside a stage,
+# (rlhfkit.platform.kernels.bf16_products_through_fp32); a test that runs bf16 autocast itself, outside a stage,
 # gets PyTorch's emulated kernels and uses fp32 there instead.
 NATIVE_BF16 = _native_bf16()
 

@@ -16,9 +16,9 @@ pytest.importorskip("sqlalchemy", reason="the annotate extra is not installed (p
 httpx = pytest.importorskip("httpx", reason="httpx is not installed (pip install 'rlhfkit[dev]')")
 
 from conftest import ServerProcess  # noqa: E402
-from rlhfkit.annotate import store  # noqa: E402
-from rlhfkit.annotate.db import open_db  # noqa: E402
 from rlhfkit.cli import main  # noqa: E402
+from rlhfkit.people import store  # noqa: E402
+from rlhfkit.people.db import open_db  # noqa: E402
 
 P_POLICY = 0.75  # each simulated annotator prefers the policy's answer with this probability
 N = 40

@@ -12,8 +12,8 @@ pytest.importorskip("krippendorff", reason="the annotate extra is not installed 
 pytest.importorskip("sklearn", reason="the annotate extra is not installed (pip install 'rlhfkit[annotate]')")
 
 from conftest import chat  # noqa: E402
-from rlhfkit.annotate import store  # noqa: E402
-from rlhfkit.annotate.agreement import (  # noqa: E402
+from rlhfkit.people import store  # noqa: E402
+from rlhfkit.people.agreement import (  # noqa: E402
     agreement,
     cohen_pairs,
     fleiss,
@@ -22,8 +22,8 @@ from rlhfkit.annotate.agreement import (  # noqa: E402
     majority_agreement,
     percent_agreement,
 )
-from rlhfkit.annotate.db import Item, Judgement, open_db  # noqa: E402
-from rlhfkit.annotate.tasks import canonical, options_for  # noqa: E402
+from rlhfkit.people.db import Item, Judgement, open_db  # noqa: E402
+from rlhfkit.people.tasks import canonical, options_for  # noqa: E402
 
 # Three annotators x, y, z on five pairs; z did not judge item 4; y called item 4 a tie.
 PAIRS = {1: {"x": "a", "y": "a", "z": "a"}, 2: {"x": "a", "y": "b", "z": "a"}, 3: {"x": "b", "y": "b", "z": "b"},

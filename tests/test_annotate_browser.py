@@ -16,9 +16,9 @@ pytest.importorskip("sqlalchemy", reason="the annotate extra is not installed (p
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install 'rlhfkit[dev]')")
 
 from conftest import HOSTILE_TEXTS, ServerProcess, chat  # noqa: E402
-from rlhfkit.annotate import store  # noqa: E402
-from rlhfkit.annotate.db import open_db  # noqa: E402
-from rlhfkit.annotate.export import export  # noqa: E402
+from rlhfkit.people import store  # noqa: E402
+from rlhfkit.people.db import open_db  # noqa: E402
+from rlhfkit.people.export import export  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.slow,

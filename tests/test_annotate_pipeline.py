@@ -14,8 +14,8 @@ pytest.importorskip("sqlalchemy", reason="the annotate extra is not installed (p
 httpx = pytest.importorskip("httpx", reason="httpx is not installed (pip install 'rlhfkit[dev]')")
 
 from conftest import ServerProcess  # noqa: E402
-from rlhfkit.annotate import store  # noqa: E402
-from rlhfkit.annotate.db import open_db  # noqa: E402
+from rlhfkit.people import store  # noqa: E402
+from rlhfkit.people.db import open_db  # noqa: E402
 from test_pipeline import pipeline_config, run_in_process, write_config  # noqa: E402
 
 NOISE = 0.2  # each simulated annotator picks the worse response with this probability
@@ -119,8 +119,8 @@ def test_collect_with_wait_polls_until_people_are_done(tmp_path):
     import time
 
     from conftest import write_jsonl
-    from rlhfkit.annotate.collect import CollectConfig
-    from rlhfkit.annotate.collect import run as collect
+    from rlhfkit.people.collect import CollectConfig
+    from rlhfkit.people.collect import run as collect
 
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Name a {w}."} for w in ("fruit", "tree", "bird")])
     cfg = CollectConfig(train=str(prompts), model="tiny", k=2, overlap=1, max_new_tokens=4, wait=True,

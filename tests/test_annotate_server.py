@@ -18,9 +18,9 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed (pip install
 from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import HOSTILE_TEXTS, ServerProcess, chat  # noqa: E402
-from rlhfkit.annotate import store  # noqa: E402
 from rlhfkit.annotate.app import PUBLIC, create_app, route_table  # noqa: E402
-from rlhfkit.annotate.db import Item, Judgement, open_db  # noqa: E402
+from rlhfkit.people import store  # noqa: E402
+from rlhfkit.people.db import Item, Judgement, open_db  # noqa: E402
 
 
 @pytest.fixture
@@ -189,7 +189,7 @@ def load_with_a_crash(tmp_path, db_arg: str, annotators=50, each=20, overlap=3):
     """``annotators`` threads, each a person judging ``each`` items over HTTP with retries; the server is
     killed with SIGKILL once half the judgements are acknowledged, and restarted on the same port."""
     folder = tmp_path / "ann"
-    from rlhfkit.annotate.db import database_url
+    from rlhfkit.people.db import database_url
 
     db = open_db(database_url(db_arg, folder))
     n_items = annotators * each // overlap + 40
@@ -302,7 +302,7 @@ def test_postgresql_schema_equals_the_models(postgres_url):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from rlhfkit.annotate.db import Base, connect, database_url
+    from rlhfkit.people.db import Base, connect, database_url
 
     url = database_url(pg_database(postgres_url, "schema_test"), "")
     open_db(url)

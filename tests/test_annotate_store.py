@@ -12,10 +12,10 @@ pytest.importorskip("sqlalchemy", reason="the annotate extra is not installed (p
 pytest.importorskip("alembic", reason="the annotate extra is not installed (pip install 'rlhfkit[annotate]')")
 
 from conftest import chat, write_jsonl  # noqa: E402
-from rlhfkit.annotate import store  # noqa: E402
-from rlhfkit.annotate.db import Base, Item, Judgement, connect, open_db  # noqa: E402
-from rlhfkit.annotate.export import consensus_pair, consensus_ranking, consensus_steps, export  # noqa: E402
-from rlhfkit.annotate.tasks import AnswerError, canonical, options_for  # noqa: E402
+from rlhfkit.people import store  # noqa: E402
+from rlhfkit.people.db import Base, Item, Judgement, connect, open_db  # noqa: E402
+from rlhfkit.people.export import consensus_pair, consensus_ranking, consensus_steps, export  # noqa: E402
+from rlhfkit.people.tasks import AnswerError, canonical, options_for  # noqa: E402
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_migrations_build_the_schema_the_models_describe(tmp_path):
     from alembic.migration import MigrationContext
 
     engine = connect(f"sqlite:///{tmp_path / 'm.db'}")
-    from rlhfkit.annotate.db import migrate
+    from rlhfkit.people.db import migrate
 
     migrate(engine)
     with engine.connect() as conn:

@@ -212,7 +212,7 @@ def test_onednn_linear_equals_f_linear_forward_and_backward(tiny):
     """The CPU training kernels (oneDNN in place of MKL for every fp32 F.linear): the model's logits, the
     input gradient and the weight and bias gradients equal plain PyTorch's within float rounding; under
     bf16 autocast F.linear runs as it is."""
-    from rlhfkit.device import OneDNNLinear
+    from rlhfkit.platform.kernels import OneDNNLinear
 
     x = torch.randn(2, 7, 48, requires_grad=True)
     lin = torch.nn.Linear(48, 32)

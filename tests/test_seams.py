@@ -19,8 +19,8 @@ from rlhfkit.errors import ConfigError
 
 
 def test_import_linter_layers_and_acyclic_contracts_hold():
-    """The layers contract in pyproject.toml (data -> models -> losses -> rollout -> (eval, feedback) ->
-    train -> pipeline -> (serve, annotate)) and the no-cycles contract."""
+    """The layers contract in pyproject.toml (platform -> data -> models -> losses -> rollout -> feedback ->
+    eval -> (train | people) -> pipeline -> web -> (serve | annotate)) and the no-cycles contract."""
     out = subprocess.run([str(ROOT / ".venv" / "bin" / "lint-imports") if (ROOT / ".venv").is_dir() else "lint-imports"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -39,6 +39,74 @@ def test_the_layers_contract_catches_a_backward_import(tmp_path):
     out = subprocess.run([str(lint) if lint.exists() else "lint-imports", "--no-cache"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"})
     assert out.returncode != 0 and "rlhfkit.data.bad -> rlhfkit.train.common" in out.stdout
+
+
+def layers_from_pyproject() -> list[set[str]]:
+    """The import-linter layers contract, top layer first: each layer a set of package names."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layered = next(c for c in contracts if c["type"] == "layers")
+    return [{name.strip() for name in layer.split("|")} for layer in layered["layers"]]
+
+
+def layer_index(module: str, layers: list[set[str]]) -> int:
+    """The index of the layer ``module`` belongs to (0 is the top)."""
+    for i, layer in enumerate(layers):
+        if any(module == name or module.startswith(name + ".") for name in layer):
+            return i
+    raise AssertionError(f"{module} is in no layer of the contract")
+
+
+def registry_problems(stages: dict, callers: dict[str, tuple[str, ...]], layers: list[set[str]]) -> list[str]:
+    """Every stage a caller runs by name (``callers``: caller module -> stage names) whose entry point lives
+    in the caller's layer or above it: the imports a lookup by name hides from import-linter."""
+    problems = []
+    for caller, names in callers.items():
+        for name in names:
+            module = stages[name].module
+            if layer_index(module, layers) <= layer_index(caller, layers):
+                problems.append(f"{caller} runs '{name}' from {module}, which is not below it")
+    return problems
+
+
+def test_every_registered_stage_lives_below_the_module_that_runs_it():
+    """The CLI runs every stage and the pipeline the ones in pipeline.RUNS, both through the registry (a
+    lookup by name that import-linter cannot see): each entry point sits in a layer below its caller."""
+    import importlib
+
+    from rlhfkit import pipeline
+    from rlhfkit.stages import STAGES
+
+    layers = layers_from_pyproject()
+    callers = {"rlhfkit.cli": tuple(STAGES), "rlhfkit.pipeline": pipeline.RUNS}
+    assert registry_problems(STAGES, callers, layers) == []
+    for stage in STAGES.values():  # and each names a real module, config class and entry point
+        module = importlib.import_module(stage.module)
+        assert hasattr(module, stage.config) and callable(getattr(module, stage.function)), stage
+
+
+def test_the_registry_check_catches_a_misplaced_entry():
+    """The check can fail: the human A/B's entry back in the web app's package, or the pipeline running the
+    web server, are both reported."""
+    from dataclasses import replace
+
+    from rlhfkit import pipeline
+    from rlhfkit.stages import STAGES
+
+    layers = layers_from_pyproject()
+    misplaced = {**STAGES, "annotate ab": replace(STAGES["annotate ab"], module="rlhfkit.annotate.ab")}
+    assert registry_problems(misplaced, {"rlhfkit.pipeline": pipeline.RUNS}, layers) == [
+        "rlhfkit.pipeline runs 'annotate ab' from rlhfkit.annotate.ab, which is not below it"]
+    assert registry_problems(STAGES, {"rlhfkit.pipeline": ("annotate serve",)}, layers) == [
+        "rlhfkit.pipeline runs 'annotate serve' from rlhfkit.annotate.serve, which is not below it"]
+
+
+def test_the_pipeline_refuses_a_stage_outside_its_list(tmp_path):
+    from rlhfkit.pipeline import PipelineConfig, stage_config
+
+    with pytest.raises(RuntimeError, match="annotate serve"):
+        stage_config(PipelineConfig(), tmp_path, "x", "x", "annotate serve", "x", {}, {}, [])
 
 
 def test_every_module_imports_in_a_fresh_process():
@@ -104,13 +172,13 @@ def test_hf_engine_samples_what_the_sampler_does():
 def fake_accelerator_device(monkeypatch):
     """accelerate 'selects' cuda:0: every model moved anywhere is recorded (and stays on the CPU, where
     this test can run); every model loaded is recorded too."""
-    import rlhfkit.device
     import rlhfkit.models.loading as loading
     import rlhfkit.models.reward as reward
+    import rlhfkit.platform.placement
 
     fake = torch.device("cuda", 0)
     moved, loaded = [], []
-    monkeypatch.setattr(rlhfkit.device, "select_device", lambda: fake)
+    monkeypatch.setattr(rlhfkit.platform.placement, "select_device", lambda: fake)
     real_to = torch.nn.Module.to
 
     def to(self, *args, **kwargs):

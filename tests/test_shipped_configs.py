@@ -1,6 +1,6 @@
 """Every config in configs/ and the README's commands run, through the command line, on the bundled
 model under the dtype each config sets (on a CPU without bf16 units, bf16 goes through the fp32 kernels:
-rlhfkit.device.bf16_products_through_fp32), cut to one optimiser step of a small batch and a few records. A shipped command
+rlhfkit.platform.kernels.bf16_products_through_fp32), cut to one optimiser step of a small batch and a few records. A shipped command
 that breaks (as `rlhfkit ppo --config configs/ppo-rule.yaml` did when the reward head's dtype changed)
 fails here, not in a user's hands."""
 

@@ -257,9 +257,9 @@ def test_ppo_with_lora_under_bf16_runs(tmp_path, prompts):
 def test_critic_checkpointing_gives_the_same_gradients(bf16):
     """PPO's critic recomputed in the backward pass (--critic-checkpointing, the default) gives the loss and
     every gradient of keeping its activations, in fp32 under the CPU kernels and under bf16 autocast."""
-    from rlhfkit.device import cpu_kernels
     from rlhfkit.models import apply_lora, load_causal_lm
     from rlhfkit.models.reward import init_reward_head, load_reward_model
+    from rlhfkit.platform.kernels import cpu_kernels
     from rlhfkit.rollout.sampler import Rollout
     from rlhfkit.train.ppo import ActorCritic
 

@@ -13,8 +13,8 @@ import sys
 
 from rlhfkit import __version__
 from rlhfkit.config import parse
-from rlhfkit.device import end_processes
 from rlhfkit.errors import RlhfkitError, Waiting
+from rlhfkit.platform.placement import end_processes
 from rlhfkit.stages import STAGES
 
 

@@ -8,6 +8,9 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import functools
+import sys
+
 
 class RlhfkitError(Exception):
     """An expected error: its message says what is wrong and where (file, line, field or key)."""
@@ -28,3 +31,9 @@ class StoppedError(RlhfkitError, RuntimeError):
 class Waiting(Exception):
     """Not an error: a stage that needs people (human feedback) stops until their judgements are in.
     Its message says what is missing and how to go on; the command exits 0."""
+
+
+@functools.cache
+def warn_once(message: str) -> None:
+    """Print ``rlhfkit: warning: message`` to stderr, once per process for each message."""
+    print(f"rlhfkit: warning: {message}", file=sys.stderr)

@@ -104,6 +104,9 @@ class PipelineConfig(RunArgs):
 RESUMABLE = {"sft", "rm", "ppo", "pg", "dpo"}  # stages with checkpoints; the others start again
 OWNED = ("output_dir", "name", "resume")  # each stage's run directory is the pipeline's to choose
 RL_STAGES = {"pg": ("pg", "pg"), "ppo": ("ppo", "ppo"), "dpo": ("dpo", "dpo")}  # algorithm -> (command, kind)
+# every stage the pipeline may run: each one's module must sit in a layer below the pipeline's
+# (tests/test_seams.py checks it against the import-linter layers, which cannot see a lookup by name)
+RUNS = ("sft", "label", "annotate collect", "rm train", "pg", "ppo", "dpo", "bon", "eval policy", "annotate ab")
 
 
 @dataclass
@@ -122,6 +125,8 @@ def stage_config(p: PipelineConfig, folder: Path, name: str, kind: str, command:
     """The config of one stage: the pipeline's ``filled`` values, then the section's ``fields`` over them
     (a section field that replaces a pipeline value is noted), checked by ``from_dict`` (unknown keys,
     types) and by the config's own ``resolve()``."""
+    if command not in RUNS:
+        raise RuntimeError(f"the pipeline runs only the stages in pipeline.RUNS, not '{command}'")
     owned = sorted(set(fields) & set(OWNED))
     if owned:
         raise ConfigError(f"pipeline: {section}: {', '.join(owned)} cannot be set in a section (the pipeline "

@@ -1,5 +1,5 @@
-"""Human feedback for real: the annotation web app (``rlhfkit annotate``), its database and its export.
-
-``db`` (tables, connection, Alembic migrations) → ``tasks`` (the judgement types) → ``store`` (every
-action, one transaction each) → ``export`` and ``app`` (FastAPI) → ``commands`` (the CLI).
+"""The annotation web app (``rlhfkit annotate serve``): FastAPI pages and a JSON API over the projects in
+:mod:`rlhfkit.people`'s database. Everything else about human feedback (the database, the task types,
+creating projects, exporting, agreement, collecting as a pipeline stage, the blind A/B) is in
+:mod:`rlhfkit.people`, below the pipeline, so the pipeline can run it.
 """

@@ -33,11 +33,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 from starlette_csrf import CSRFMiddleware
 
-from rlhfkit.annotate import store
-from rlhfkit.annotate.agreement import agreement, summary_lines
-from rlhfkit.annotate.db import User, setting
-from rlhfkit.annotate.export import TRAINING_FILE, export
-from rlhfkit.annotate.tasks import TASKS, AnswerError, pairwise_labels
+from rlhfkit.people import store
+from rlhfkit.people.agreement import agreement, summary_lines
+from rlhfkit.people.db import User, setting
+from rlhfkit.people.export import TRAINING_FILE, export
+from rlhfkit.people.tasks import TASKS, AnswerError, pairwise_labels
 from rlhfkit.web import clean_text, limit_body
 
 HERE = Path(__file__).parent
@@ -48,7 +48,7 @@ FLAG_KEYS = "qwertyuio"
 
 
 class JudgementIn(BaseModel):
-    """An answer, in the positions the annotator saw (see :mod:`rlhfkit.annotate.tasks`); only the
+    """An answer, in the positions the annotator saw (see :mod:`rlhfkit.people.tasks`); only the
     fields of the project's task may be set."""
 
     model_config = ConfigDict(extra="forbid")

@@ -23,12 +23,12 @@ import torch
 from rlhfkit.config import DataArgs, ModelArgs, RunArgs, print_config
 from rlhfkit.data import load_records
 from rlhfkit.data.split import load_train_eval
-from rlhfkit.device import make_accelerator
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.metrics import sample_stats
 from rlhfkit.eval.report import write_report
 from rlhfkit.feedback.judge import judge_pairs, make_judge
 from rlhfkit.losses.kl import kl_penalty
+from rlhfkit.platform.placement import make_accelerator
 from rlhfkit.rollout.engine import RolloutEngine, load_engine
 from rlhfkit.rollout.phase import (
     Prompts,

@@ -22,7 +22,7 @@ import json
 import math
 from pathlib import Path
 
-from rlhfkit.device import warn_once
+from rlhfkit.errors import warn_once
 
 RL_PLOTS = [("score", "reward (proxy)"), ("gold", "gold"), ("kl", "KL per response"), ("beta", "beta"),
             ("entropy", "entropy"), ("policy_clipfrac", "clip fraction"), ("response_length", "length (tokens)"),

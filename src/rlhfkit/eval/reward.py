@@ -20,13 +20,13 @@ import torch
 
 from rlhfkit.config import print_config
 from rlhfkit.data import load_records, split_records
-from rlhfkit.device import make_accelerator, place
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval import metrics
 from rlhfkit.eval.report import pyplot
 from rlhfkit.losses.supervision import prm_aggregate
 from rlhfkit.models.groups import RECORD_KIND, encode_groups, forward_groups
 from rlhfkit.models.reward import load_reward_model
+from rlhfkit.platform.placement import make_accelerator, place
 
 
 @dataclass

@@ -10,9 +10,9 @@ import json
 from dataclasses import dataclass
 
 from rlhfkit.data import Demonstration, Preference, load_records
-from rlhfkit.device import place
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.reward import load_reward_model, score
+from rlhfkit.platform.placement import place
 
 
 @dataclass

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.device import is_sharded, place, resolve_device
 from rlhfkit.errors import ConfigError
 from rlhfkit.models import disable_dropout, load_causal_lm
+from rlhfkit.platform.distributed import is_sharded
+from rlhfkit.platform.placement import place, resolve_device
 from rlhfkit.rollout.sampler import Rollout, sample
 
 
@@ -64,7 +65,7 @@ class HFEngine(RolloutEngine):
 
     ``adapter_off=True`` samples from the model with its LoRA adapter switched off: the frozen
     reference policy without a second copy of the weights. On the CPU the decoding steps use linear
-    weights packed for oneDNN (:class:`~rlhfkit.rollout.sampler.PackedLinear`), kept here between
+    weights packed for oneDNN (:class:`~rlhfkit.platform.kernels.PackedLinear`), kept here between
     calls and remade when training changes a weight; they cost one more copy of those weights."""
 
     name = "hf"

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from rlhfkit.device import place
 from rlhfkit.errors import ConfigError, RemoteError
 from rlhfkit.models.ood import OODDetector
 from rlhfkit.models.reward import load_reward_model, score, score_and_embed
+from rlhfkit.platform.placement import place
 
 
 class RewardSource:

@@ -15,19 +15,16 @@ On the first PPO minibatch the ratio is therefore exactly 1.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache, StaticCache
 
 from rlhfkit.data.template import pad, position_ids
-from rlhfkit.device import onednn_linear
 from rlhfkit.models.reward import pack_shared_prefix
+from rlhfkit.platform.kernels import decode_kernels
 
 
 @dataclass
@@ -89,52 +86,6 @@ def draw(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator]
     u = u * cdf[:, -1:]
     token = torch.searchsorted(cdf, u, right=True).squeeze(-1)
     return token.clamp(max=probs.shape[-1] - 1)
-
-
-class PackedLinear(TorchFunctionMode):
-    """Decoding-step linear layers on the CPU through oneDNN's prepacked linear (what torch inductor's
-    freezing uses): each weight is reordered into oneDNN's blocked layout once, instead of MKL packing
-    it again in every call, which at a decoding step's few rows costs as much as the product itself.
-
-    ``cache`` maps a weight to its packed copy and outlives the mode (the engine keeps it). A copy is
-    remade when its weight changes: the tensor's version counter moves at every in-place update (an
-    optimiser step, a ``load_state_dict``), so sampling always follows the live weights."""
-
-    def __init__(self, cache: dict, rows: int):
-        super().__init__()
-        self.cache, self.rows = cache, rows
-
-    def packed(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """The packed copy of ``weight``, remade when it changed; None where oneDNN has no prepacked
-        kernel for its dtype on this CPU (bf16 without AVX512-BF16 or AVX-NE-CONVERT)."""
-        hit = self.cache.get(id(weight))
-        if hit is None or hit[0]() is not weight or hit[1] != weight._version:
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.rows)
-            except RuntimeError:
-                packed = None
-            hit = self.cache[id(weight)] = (weakref.ref(weight), weight._version, packed)
-        return hit[2]
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        # under autocast the plain kernels run: autocast casts inside F.linear, after this mode
-        if func is F.linear and not torch.is_grad_enabled() and not torch.is_autocast_enabled(args[0].device.type):
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            rows = x.numel() // x.shape[-1]
-            packed = self.packed(weight) if rows <= self.rows and weight.dtype == x.dtype else None
-            if packed is not None:
-                return onednn_linear(x, packed, bias, out_features=weight.shape[0])
-        return func(*args, **kwargs)
-
-
-def decode_kernels(model, rows: int, cache: dict | None):
-    """The context the decoding steps run in: :class:`PackedLinear` on the CPU when ``cache`` is given,
-    nothing otherwise (a GPU's own kernels are already fast at few rows)."""
-    if cache is None or next(model.parameters()).device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return contextlib.nullcontext()
-    return PackedLinear(cache, rows)
 
 
 def prefill(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int):

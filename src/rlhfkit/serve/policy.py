@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 
 from rlhfkit.data.template import encode_prompt
-from rlhfkit.device import make_accelerator
+from rlhfkit.platform.placement import make_accelerator
 from rlhfkit.rollout.engine import SamplingParams, load_engine
 from rlhfkit.serve.args import ServerArgs
 

@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass
 
 from rlhfkit.data.batching import length_batches
-from rlhfkit.device import make_accelerator, place
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.ood import OODDetector
 from rlhfkit.models.reward import (
@@ -45,6 +44,7 @@ from rlhfkit.models.reward import (
     read_reward_and_features,
     read_sequences,
 )
+from rlhfkit.platform.placement import make_accelerator, place
 from rlhfkit.serve.args import ServerArgs
 
 try:  # the serve extra

@@ -21,9 +21,9 @@ import torch
 from accelerate import PartialState
 
 from rlhfkit.config import DataArgs, ModelArgs, RunArgs, print_config
-from rlhfkit.device import cpu_launch
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.kl import best_of_n_kl
+from rlhfkit.platform.placement import cpu_launch
 from rlhfkit.rollout.engine import load_engine
 from rlhfkit.rollout.phase import SamplingArgs, prompts_from, rollout_phase
 from rlhfkit.rollout.rewards import reward_from

@@ -9,10 +9,8 @@ process takes its contiguous share of the step's examples and splits it into mic
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import random
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +18,20 @@ from accelerate.utils import DistributedType
 
 from rlhfkit.config import ModelArgs, OptimArgs, accumulation_steps, print_config
 from rlhfkit.data.batching import split_by_tokens
-from rlhfkit.device import deepspeed_requested, fsdp_requested, make_accelerator, world_size
 from rlhfkit.errors import ConfigError, StoppedError
 from rlhfkit.models import apply_lora, disable_dropout, merged_fp32
 from rlhfkit.models.loading import copy_out_of_files
 from rlhfkit.models.quant import is_4bit, nf4_config
+from rlhfkit.platform.distributed import (
+    broadcast_weights,
+    deepspeed_requested,
+    fsdp_requested,
+    full_model,
+    keep_skeleton,
+    shards_parameters,
+)
+from rlhfkit.platform.kernels import release_freed_memory
+from rlhfkit.platform.placement import make_accelerator, world_size
 from rlhfkit.run import NonFiniteError, Run, check_finite
 
 
@@ -178,149 +185,6 @@ def save_hf(accelerator, model, tokenizer, folder) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# sharded models (FSDP2): whole weights for generation, evaluation and export
-
-_SKELETONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (root's skeleton, root, name)
-
-
-def zero3(accelerator) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitions the trained model's parameters over the processes."""
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
-
-
-def shards_parameters(accelerator) -> bool:
-    """Whether the trained model's parameters are split over the processes (FSDP2 or ZeRO-3)."""
-    return accelerator.is_fsdp2 or zero3(accelerator)
-
-
-def keep_skeleton(model) -> None:
-    """Remember ``model``'s structure (modules, adapters, heads, tied weights) on the meta device, taking
-    no memory, before FSDP shards it in place: :func:`full_model` fills it with the gathered weights, for
-    the model or any module inside it (PPO's policy inside its actor-critic)."""
-    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-            for p in model.parameters()}
-    skeleton = copy.deepcopy(model, memo)  # buffers (rotary frequencies) are small and copied as they are
-    for name, module in model.named_modules():
-        _SKELETONS[module] = (skeleton, model, name)
-
-
-def broadcast_weights(model) -> None:
-    """Every process starts from the main process's weights, as DDP's wrapper makes it: FSDP2 shards
-    each process's own copy, and the random parts (LoRA's A matrices, new heads) were drawn from each
-    process's own seed."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(t.data, src=0)
-
-
-def full_model(accelerator, model):
-    """The model as one plain module with all its weights: ``unwrap_model`` when nothing is sharded; under
-    FSDP the full state dict gathered on the main process (collective: every process calls) and loaded
-    into the skeleton kept before sharding; None on the other processes."""
-    unwrapped = accelerator.unwrap_model(model)
-    if unwrapped not in _SKELETONS:
-        return unwrapped
-    skeleton, root, name = _SKELETONS[unwrapped]
-    if zero3(accelerator):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(root.parameters())):
-            state = {k: v.detach().clone() for k, v in root.state_dict().items()} if accelerator.is_main_process else None
-    else:
-        state = accelerator.get_state_dict(root)
-    if not accelerator.is_main_process:
-        return None
-    from transformers import PreTrainedModel
-
-    plain = copy.deepcopy(skeleton)
-    plain.load_state_dict(state, assign=True)
-    for module in plain.modules():
-        if isinstance(module, PreTrainedModel):
-            module.tie_weights()  # loading gave tied weights (embeddings and LM head) one tensor each
-    return plain.get_submodule(name)
-
-
-def shard_frozen(accelerator, model, name: str, log) -> None:
-    """Under FSDP2, shard a frozen model (a separate reference, a reward model) in place as accelerate
-    shards the trained one: each decoder layer, then the whole, over every process, with the launch
-    config's offload. Each layer is all-gathered for its forward and freed after, so every process
-    holds 1/N of its weights between forwards; ``log`` says the main process's share. Every process must
-    then call it equally often (:func:`gathered` lifts that). Nothing happens when nothing is sharded."""
-    if not accelerator.is_fsdp2:
-        return
-    from torch.distributed.fsdp import fully_shard
-
-    keep_skeleton(model)  # for gathered() at the held-out comparison
-    broadcast_weights(model)
-    kwargs = {"reshard_after_forward": True, "offload_policy": accelerator.state.fsdp_plugin.cpu_offload}
-    layers = set(getattr(model, "_no_split_modules", None) or [])
-    for module in [m for m in model.modules() if type(m).__name__ in layers]:
-        fully_shard(module, **kwargs)
-    fully_shard(model, **kwargs)
-    if accelerator.device.type == "cpu":
-        release_freed_memory()  # the whole weights sharding replaced
-    held = sum(p.to_local().numel() for p in model.parameters())
-    log(f"{name} sharded over {accelerator.num_processes} processes: {held / sum(p.numel() for p in model.parameters()):.1%} "
-        "of its weights on this process")
-
-
-@contextlib.contextmanager
-def gathered(accelerator, model):
-    """Every parameter of ``model`` whole on every process inside the block: FSDP2 all-gathers them on
-    entry (every process must enter) and keeps them through forwards, so processes may run different
-    numbers of forwards inside (sampling to different lengths, held-out evaluation on one process);
-    resharded on exit. ``model`` may be a module inside the prepared one: the whole prepared model is
-    gathered. Nothing happens when nothing is sharded. No backward inside."""
-    if zero3(accelerator):
-        with zero3_gathered(accelerator):
-            yield
-        return
-    if not accelerator.is_fsdp2:
-        yield
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    root = _SKELETONS[accelerator.unwrap_model(model)][1]
-    root._get_fsdp_state()._lazy_init()  # before any inner module runs first and takes itself for the root
-    modules = [m for m in root.modules() if isinstance(m, FSDPModule)]
-    groups = [g for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]
-    after_forward = [g.post_forward_mesh_info for g in groups]  # each group's reshard-after-forward setting
-    for m in modules:
-        m.unshard()
-        m.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for g, info in zip(groups, after_forward, strict=True):
-            g.post_forward_mesh_info = info
-        for m in modules:
-            m.reshard()
-
-
-@contextlib.contextmanager
-def zero3_gathered(accelerator):
-    """:func:`gathered` under DeepSpeed ZeRO-3: the partitions all-gathered, and DeepSpeed's module hooks
-    off inside the block, since they fetch and release parameters and check that every process runs the
-    same forwards (collectives), while processes here sample to different lengths and one process alone
-    makes the held-out comparison. The hooks are put back on exit. This is what TRL does to generate
-    under ZeRO-3; it goes through DeepSpeed's ``parameter_offload``, not a public API."""
-    import deepspeed
-
-    offload = accelerator.deepspeed_engine_wrapped.engine.optimizer.parameter_offload
-    with deepspeed.zero.GatheredParameters(list(offload.module.parameters())):
-        for p in offload.module.parameters():
-            p.ds_active_sub_modules.clear()
-        offload._remove_module_hooks()
-        offload.forward_hooks, offload.backward_hooks = [], []
-        try:
-            yield
-        finally:
-            offload.setup_zero_stage3_hooks()
-
-
-# ---------------------------------------------------------------------------------------------
 # the pieces of a training stage's loop that every stage shares
 
 
@@ -388,7 +252,6 @@ def micro_step(accelerator, model, last: bool):
     step it is accelerate's ``accumulate``; when the count varies (micro-batches cut by a token
     budget, accumulation 1 for accelerate) gradients are synchronised across processes only on the
     step's last micro-batch, so every process makes exactly one synchronised backward per step."""
-    import contextlib
 
     if accelerator.gradient_accumulation_steps > 1:
         return accelerator.accumulate(model)
@@ -407,27 +270,6 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     if accelerator.device.type == "cpu":
         release_freed_memory()
     return float(grad_norm), lr
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the allocator back to the OS (glibc ``malloc_trim``). With sequences of
-    varying length, CPU training otherwise keeps every size it ever allocated: resident memory
-    creeps up step after step although the live tensors do not grow."""
-    global _libc
-    if _libc is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _libc.malloc_trim  # noqa: B018 (glibc only)
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
-
-
-_libc = None
 
 
 def should_save(cfg, step: int, steps: int) -> bool:

@@ -25,11 +25,12 @@ import torch
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
 from rlhfkit.data import pad
 from rlhfkit.data.split import load_train_eval
-from rlhfkit.device import cpu_kernels
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.dpo import DPO_LOSSES, LENGTH_AVERAGED, implicit_rewards
 from rlhfkit.models.groups import encode_groups, eval_chunks, group_tokens
 from rlhfkit.models.reward import pack_shared_prefix
+from rlhfkit.platform.distributed import shard_frozen
+from rlhfkit.platform.kernels import cpu_kernels, release_freed_memory
 from rlhfkit.rollout.phase import Reference
 from rlhfkit.run import Run, check_finite, progress
 from rlhfkit.train.common import (
@@ -37,9 +38,7 @@ from rlhfkit.train.common import (
     micro_step,
     optimizer_step,
     prepare_training,
-    release_freed_memory,
     save_hf,
-    shard_frozen,
     should_save,
     start_stage,
     stop_on_nonfinite,

@@ -24,16 +24,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
-from rlhfkit.device import cpu_kernels
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.monitors import MonitorArgs
 from rlhfkit.losses.advantages import grpo_advantages, reinforce_advantages, rloo_advantages
 from rlhfkit.losses.kl import kl_penalty
 from rlhfkit.losses.ppo import aggregate, entropy, policy_loss
+from rlhfkit.platform.distributed import gathered
+from rlhfkit.platform.kernels import cpu_kernels
 from rlhfkit.rollout.phase import SamplingArgs, rollout_phase
 from rlhfkit.rollout.sampler import gather_logprobs, response_logits
 from rlhfkit.run import Run, progress
-from rlhfkit.train.common import backward, gathered, optimizer_step, stop_on_nonfinite
+from rlhfkit.train.common import backward, optimizer_step, stop_on_nonfinite
 from rlhfkit.train.rl import (
     CorrectionArgs,
     KLArgs,

@@ -34,7 +34,6 @@ from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
 from rlhfkit.data import load_records
 from rlhfkit.data.batching import collate
 from rlhfkit.data.template import encode_examples
-from rlhfkit.device import cpu_kernels
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.monitors import MonitorArgs
 from rlhfkit.losses.advantages import gae, token_rewards, whiten
@@ -42,19 +41,13 @@ from rlhfkit.losses.kl import kl_penalty
 from rlhfkit.losses.lm import sft_loss
 from rlhfkit.losses.ppo import aggregate, entropy, policy_loss, value_loss
 from rlhfkit.models.reward import BIAS_KEY, init_reward_head, load_reward_model
+from rlhfkit.platform.distributed import gathered, shards_parameters
+from rlhfkit.platform.kernels import cpu_kernels
 from rlhfkit.rollout.phase import SamplingArgs, rollout_phase
 from rlhfkit.rollout.rewards import single_reward_model
 from rlhfkit.rollout.sampler import Rollout, gather_logprobs, response_logits, response_values
 from rlhfkit.run import Run, progress
-from rlhfkit.train.common import (
-    backward,
-    gathered,
-    optimizer_step,
-    prepare_model,
-    quantization,
-    shards_parameters,
-    stop_on_nonfinite,
-)
+from rlhfkit.train.common import backward, optimizer_step, prepare_model, quantization, stop_on_nonfinite
 from rlhfkit.train.rl import (
     CorrectionArgs,
     KLArgs,

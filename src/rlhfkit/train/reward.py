@@ -31,7 +31,6 @@ import torch
 from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
 from rlhfkit.data import load_records
 from rlhfkit.data.split import load_train_eval
-from rlhfkit.device import cpu_kernels
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.preference import bradley_terry, centering, margin_loss, per_prompt_pairs, plackett_luce
 from rlhfkit.losses.supervision import (
@@ -55,17 +54,16 @@ from rlhfkit.models.groups import (
 )
 from rlhfkit.models.ood import OODDetector, ood_texts
 from rlhfkit.models.reward import BIAS_KEY, embed, load_reward_model, save_reward_model, score
+from rlhfkit.platform.distributed import full_model, gathered
+from rlhfkit.platform.kernels import cpu_kernels, release_freed_memory
 from rlhfkit.run import Run, check_finite, progress
 from rlhfkit.train.common import (
     backward,
-    full_model,
-    gathered,
     micro_step,
     optimizer_step,
     prepare_model,
     prepare_training,
     quantization,
-    release_freed_memory,
     should_save,
     start_stage,
     stop_on_nonfinite,

@@ -23,24 +23,22 @@ from rlhfkit.losses.advantages import masked_var
 from rlhfkit.losses.kl import kl_controller, kl_penalty
 from rlhfkit.losses.ppo import aggregate_total, rollout_correction
 from rlhfkit.models import load_causal_lm
+from rlhfkit.platform.distributed import gathered, shard_frozen, shards_parameters
+from rlhfkit.platform.kernels import release_freed_memory
+from rlhfkit.platform.placement import world_size
 from rlhfkit.rollout.engine import RolloutEngine, make_engine
 from rlhfkit.rollout.phase import Batch, Prompts, Reference, load_prompts, response_stats
 from rlhfkit.rollout.rewards import CompositeReward, ModelReward, reward_from
 from rlhfkit.rollout.sampler import Rollout, response_logprobs, response_values
 from rlhfkit.train.common import (
     BatchPlan,
-    gathered,
     prepare_model,
     prepare_optimisation,
     quantization,
-    release_freed_memory,
     save_hf,
-    shard_frozen,
-    shards_parameters,
     should_save,
     start_stage,
     total_steps,
-    world_size,
 )
 
 

@@ -15,14 +15,14 @@ from rlhfkit.config import DataArgs, ModelArgs, OptimArgs, RunArgs
 from rlhfkit.data.batching import collate
 from rlhfkit.data.split import load_train_eval
 from rlhfkit.data.template import Encoded, encode_examples
-from rlhfkit.device import cpu_kernels
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses import sft_loss, token_nll
 from rlhfkit.models import count_parameters, load_causal_lm
+from rlhfkit.platform.distributed import gathered
+from rlhfkit.platform.kernels import cpu_kernels
 from rlhfkit.run import Run, check_finite, progress
 from rlhfkit.train.common import (
     backward,
-    gathered,
     optimizer_step,
     prepare_model,
     prepare_training,

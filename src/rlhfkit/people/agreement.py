@@ -49,8 +49,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
 
-from rlhfkit.annotate.db import Item, Judgement, User
-from rlhfkit.annotate.store import get_project
+from rlhfkit.people.db import Item, Judgement, User
+from rlhfkit.people.store import get_project
 
 Units = list[dict[str, object]]
 

@@ -18,16 +18,16 @@ import sys
 import time
 from dataclasses import dataclass
 
-from rlhfkit.annotate.commands import AnnotateArgs, items_for, sample_groups, wrap
 from rlhfkit.config import DataArgs, RunArgs, print_config
 from rlhfkit.errors import ConfigError, Waiting
+from rlhfkit.people.projects import AnnotateArgs, items_for, sample_groups, wrap
 from rlhfkit.rollout.phase import SamplingArgs
 from rlhfkit.run import Run
 
 try:  # the annotate extra
-    from rlhfkit.annotate import store
-    from rlhfkit.annotate.agreement import agreement
-    from rlhfkit.annotate.export import export
+    from rlhfkit.people import store
+    from rlhfkit.people.agreement import agreement
+    from rlhfkit.people.export import export
 except ImportError:  # pragma: no cover - exercised only without the extra
     store = None
 

@@ -8,7 +8,7 @@ Create Date: ${create_date}
 import sqlalchemy as sa
 from alembic import op
 
-from rlhfkit.annotate.db import JSONText
+from rlhfkit.people.db import JSONText
 
 revision = ${repr(up_revision)}
 down_revision = ${repr(down_revision)}

@@ -6,14 +6,14 @@ import types
 
 import pytest
 
-import rlhfkit.device as device
+import rlhfkit.platform.placement as device
 from conftest import PYTHON, ROOT
 
 # Runs in a child process: the kernels are replaced for the life of a process, and the comparison needs
 # PyTorch's own bf16 kernels first.
 COMPARE = r"""
 import json, torch, torch.nn.functional as F
-from rlhfkit.device import bf16_products_through_fp32
+from rlhfkit.platform.kernels import bf16_products_through_fp32
 
 torch.manual_seed(0)
 x, w, b = torch.randn(3, 50, 576), torch.randn(1536, 576) * 0.05, torch.randn(1536)

@@ -8,7 +8,7 @@ Create Date: 2026-12-01
 import sqlalchemy as sa
 from alembic import op
 
-from rlhfkit.annotate.db import JSONText
+from rlhfkit.people.db import JSONText
 
 revision = "0001"
 down_revision = None

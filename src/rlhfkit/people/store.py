@@ -30,8 +30,8 @@ from sqlalchemy import exists, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from rlhfkit.annotate.db import Assignment, Item, Judgement, Project, User, transaction
-from rlhfkit.annotate.tasks import TASKS, AnswerError, canonical, check_item, options_for, shown_order
+from rlhfkit.people.db import Assignment, Item, Judgement, Project, User, transaction
+from rlhfkit.people.tasks import TASKS, AnswerError, canonical, check_item, options_for, shown_order
 
 ROLES = ("annotator", "admin")
 
@@ -106,7 +106,7 @@ def create_project(db: sessionmaker, name: str, task: str, overlap: int, items: 
                    gold: list[dict] = (), guidelines: str = "", options: dict | None = None) -> int:
     """A project and its items. Each item is ``{"prompt": [messages], "responses": [texts], "meta": {}}``
     (for ``steps``, ``responses`` holds the steps); each gold item has a ``gold`` answer too, as a
-    value in the item's order (see :mod:`rlhfkit.annotate.tasks`)."""
+    value in the item's order (see :mod:`rlhfkit.people.tasks`)."""
     if task not in TASKS:
         raise AnswerError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
     if overlap < 1:

@@ -31,9 +31,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from rlhfkit.annotate.db import Assignment, Item, Judgement, User
-from rlhfkit.annotate.store import get_project
 from rlhfkit.data.formats import TIE, majority
+from rlhfkit.people.db import Assignment, Item, Judgement, User
+from rlhfkit.people.store import get_project
 
 TRAINING_FILE = {"pairwise": "preferences.jsonl", "ranking": "rankings.jsonl", "likert": "ratings.jsonl",
                  "steps": "steps.jsonl", "critique": "critiques.jsonl"}

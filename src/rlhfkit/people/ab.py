@@ -28,22 +28,22 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhfkit.annotate.collect import PeopleArgs, wait_for_people
-from rlhfkit.annotate.commands import wrap
 from rlhfkit.config import RunArgs, print_config
 from rlhfkit.data.formats import TIE, majority
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.policy import EvalPolicyConfig
 from rlhfkit.eval.policy import run as evaluate_policy
 from rlhfkit.eval.report import write_report
+from rlhfkit.people.collect import PeopleArgs, wait_for_people
+from rlhfkit.people.projects import wrap
 from rlhfkit.run import Run
 
 try:  # the annotate extra
     from sqlalchemy import select
 
-    from rlhfkit.annotate import store
-    from rlhfkit.annotate.agreement import agreement, bootstrap_interval
-    from rlhfkit.annotate.db import Item, Judgement
+    from rlhfkit.people import store
+    from rlhfkit.people.agreement import agreement, bootstrap_interval
+    from rlhfkit.people.db import Item, Judgement
 except ImportError:  # pragma: no cover - exercised only without the extra
     store = None
 

@@ -1,4 +1,5 @@
-"""``rlhfkit annotate {create,serve,users,export,stats}``: the annotation app's commands.
+"""``rlhfkit annotate {create,users,export,stats}``: annotation projects, their people and their exports
+(the web app that serves them is :mod:`rlhfkit.annotate`).
 
 Without the ``annotate`` extra this module still imports (so ``--help`` works); a command then says
 which package is missing and how to install it.
@@ -17,31 +18,25 @@ from typing import Annotated, Literal
 import torch
 import tyro
 
-from rlhfkit.annotate.tasks import AnswerError
 from rlhfkit.config import DataArgs, print_config
 from rlhfkit.data.formats import load_records
 from rlhfkit.data.records import Demonstration, Preference, Ranking, Rating, StepSolution
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.feedback.label import Unscored
+from rlhfkit.people.tasks import AnswerError
 from rlhfkit.rollout.engine import load_engine
 from rlhfkit.rollout.phase import SamplingArgs, prompts_from, rollout_phase
 
 try:  # the annotate extra: the database
-    from rlhfkit.annotate import store
-    from rlhfkit.annotate.db import database_url, open_db
-    from rlhfkit.annotate.export import export
+    from rlhfkit.people import store
+    from rlhfkit.people.db import database_url, open_db
+    from rlhfkit.people.export import export
 except ImportError:  # pragma: no cover - exercised only without the extra
     store = None
 try:  # the annotate extra: the statistics
-    from rlhfkit.annotate.agreement import agreement, summary_lines
+    from rlhfkit.people.agreement import agreement, summary_lines
 except ImportError:  # pragma: no cover
     agreement = None
-try:  # the annotate extra: the web app
-    import uvicorn
-
-    from rlhfkit.annotate.app import create_app
-except ImportError:  # pragma: no cover
-    create_app = None
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -239,40 +234,6 @@ def run_create(cfg: CreateConfig) -> dict:
     print(f"serve it with: rlhfkit annotate serve --dir {cfg.dir}" + (f" --db {cfg.db}" if cfg.db else ""),
           file=sys.stderr)
     return summary
-
-
-# ------------------------------------------------------------------------------------------- serve
-
-
-@dataclass
-class AnnotateServeConfig(AnnotateArgs):
-    """Serve the annotation web app and its JSON API."""
-
-    host: str = "127.0.0.1"
-    """Address to listen on (0.0.0.0: every interface; put it behind HTTPS and set --secure-cookies)."""
-    port: int = 8200
-    """Port to listen on."""
-    secure_cookies: bool = False
-    """Mark the session and CSRF cookies Secure (only sent over HTTPS)."""
-    max_body_mb: float = 2.0
-    """Largest request body in MB."""
-
-    def resolve(self) -> AnnotateServeConfig:
-        missing = [m for m in ("fastapi", "uvicorn", "jinja2", "starlette_csrf", "itsdangerous", "multipart",
-                               "markdown_it") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ConfigError(f"annotate serve needs the annotate extra ({', '.join(missing)} missing): "
-                              "pip install 'rlhfkit[annotate]'")
-        return self
-
-
-def run_serve(cfg: AnnotateServeConfig) -> None:
-    cfg.resolve()
-    db = cfg.open()
-    app = create_app(db, cfg.secure_cookies, cfg.max_body_mb)
-    print(f"rlhfkit annotate: http://{cfg.host}:{cfg.port}/login (database {db.kw['bind'].url.render_as_string()})",
-          file=sys.stderr, flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
 
 
 # ------------------------------------------------------------------------------------------- users
