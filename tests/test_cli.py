@@ -43,3 +43,10 @@ def test_data_inspect_reports_format_counts_lengths_and_problems(tmp_path):
     assert r["tokens"]["response"]["max"] > 512
     text = rlhfkit("data", "inspect", str(path)).stdout
     assert "3 preference pairs from 4 rows" in text and "p.jsonl:4: invalid JSON" in text
+
+
+def test_a_group_help_lists_its_commands():
+    out = subprocess.run([PYTHON, "-m", "rlhfkit", "annotate", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for command in ("create", "serve", "users", "export", "collect", "ab", "stats"):
+        assert f"\n  {command} " in out.stdout

@@ -8,8 +8,10 @@ the traceback instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 
 from rlhfkit import __version__
 from rlhfkit.config import parse
@@ -24,6 +26,45 @@ def usage() -> str:
     for name, stage in STAGES.items():
         lines.append(f"  {name:<14} {stage.help}")
     return "\n".join(lines)
+
+
+def group_usage(group: str) -> str:
+    """``rlhfkit annotate --help``: the commands of a group of stages."""
+    lines = [f"usage: rlhfkit {group} <command> [flags]   (rlhfkit {group} <command> --help lists its flags)", "",
+             "commands:"]
+    for name, stage in STAGES.items():
+        if name.startswith(group + " "):
+            lines.append(f"  {name.split(' ', 1)[1]:<10} {stage.help}")
+    return "\n".join(lines)
+
+
+class _Drop(logging.Filter):
+    """Drops a dependency's log lines that hold one of ``phrases``."""
+
+    def __init__(self, *phrases: str):
+        super().__init__()
+        self.phrases = phrases
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(p in str(record.msg) for p in self.phrases)
+
+
+def quiet_dependencies() -> None:
+    """What the dependencies print that means nothing to a user of rlhfkit, filtered where rlhfkit triggers
+    it (``--debug`` leaves everything on): their deprecation and future warnings (about their own APIs),
+    accelerate's note that the tied embedding was saved once, DeepSpeed's accelerator probe on a machine
+    without a GPU, and transformers' bars for loading and writing a few files. rlhfkit's own warnings,
+    errors and progress bars are untouched."""
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(torch|transformers|accelerate|peft|deepspeed)\b")
+    logging.getLogger("accelerate.utils.other").addFilter(_Drop("Removed shared tensor"))
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's probe otherwise warns at import
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def fail(message: str) -> None:
@@ -53,6 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] in ("-V", "--version"):
         print(f"rlhfkit {__version__}")
         return
+    if len(argv) > 1 and argv[1] in ("-h", "--help") and any(n.startswith(argv[0] + " ") for n in STAGES):
+        print(group_usage(argv[0]))
+        return
+    if not debug:
+        quiet_dependencies()
     command = " ".join(argv[:2]) if " ".join(argv[:2]) in STAGES else argv[0]
     if command not in STAGES:
         groups = sorted({n.split()[0] for n in STAGES if n.startswith(argv[0] + " ")})

@@ -24,6 +24,7 @@ import yaml
 from rlhfkit.errors import ConfigError
 
 C = TypeVar("C")
+Precision = Literal["auto", "no", "fp16", "bf16"]
 
 
 @dataclass
@@ -47,10 +48,12 @@ class ModelArgs:
     The frozen bottom needs no backward pass: about a third less compute at N = half the layers."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
-    mixed_precision: Literal["no", "bf16"] = "no"
-    """'bf16' runs forward and backward under bf16 autocast (CPU or GPU). Trained weights stay fp32;
-    frozen linear weights (LoRA base, frozen layers) are stored in bf16, which autocast would cast
-    them to anyway: the same numbers, half the memory, no per-call casts."""
+    mixed_precision: Precision = "no"
+    """'auto' picks by the hardware (bf16 on GPUs and CPUs with bf16 units, fp16 on GPUs without bf16, fp32 on
+    CPUs without bf16 units) and says why; 'bf16' or 'fp16' run forward and backward under that autocast (fp16
+    with dynamic loss scaling); 'no' is fp32. Trained weights stay fp32; frozen linear weights (LoRA base,
+    frozen layers) are stored in the autocast dtype, which autocast would cast them to anyway: the same
+    numbers, half the memory, no per-call casts."""
     disable_dropout: bool = True
     """Set every dropout to 0 (required for RL: reproducible logprobs, PPO ratio 1 at the start)."""
 
@@ -125,6 +128,8 @@ class RunArgs:
     """Evaluate every N steps (0: only at the end)."""
     progress: bool = True
     """Show progress bars with ETA."""
+    verbose: bool = False
+    """Print the whole resolved config at start (it is always saved in the run's config.yaml)."""
     report_to: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = "none"
     """Also log every step to this experiment tracker (through accelerate; metrics.jsonl is always written)."""
 
@@ -235,3 +240,36 @@ def parse(cls: type[C], argv: list[str], prog: str, description: str = "") -> C:
 
 def print_config(cfg, stream=sys.stderr) -> None:
     print(f"# resolved {type(cfg).__name__}\n{dump(cfg)}", file=stream, flush=True)
+
+
+# what a stage's start line names, when its config has the field: (label, field)
+_HEADLINE = (("", "algorithm"), ("", "estimator"), ("loss", "loss"), ("", "kind"), ("task", "task"),
+             ("on", "model"), ("data", "train"), ("prompts", "prompts"), ("data", "data"), ("reward", "reward"))
+
+
+def stage_line(cfg, stage: str, where: str | Path = "", precision: str = "") -> str:
+    """The one line a stage prints at start: what it does, on which model, with which data and reward,
+    in which precision (and why), and where its run goes.
+
+    >>> from types import SimpleNamespace as S
+    >>> stage_line(S(model="tiny", lora_r=8, train="a.jsonl", reward=""), "sft", "runs/x", "fp32 (asked for)")
+    'rlhfkit sft: on tiny (LoRA r=8), data a.jsonl, precision fp32 (asked for) -> runs/x'
+    """
+    parts = []
+    for label, key in _HEADLINE:
+        value = getattr(cfg, key, "")
+        if value and isinstance(value, str):
+            text = f"{label} {value}".strip()
+            if key == "model" and getattr(cfg, "lora_r", 0):
+                text += f" (LoRA r={cfg.lora_r}{', 4-bit base' if getattr(cfg, 'load_in_4bit', False) else ''})"
+            parts.append(text)
+    if precision:
+        parts.append(f"precision {precision}")
+    return f"rlhfkit {stage}: {', '.join(parts)}" + (f" -> {where}" if where else "")
+
+
+def announce(cfg, stage: str, where: str | Path = "", precision: str = "", stream=sys.stderr) -> None:
+    """Print the stage's start line (:func:`stage_line`); the whole resolved config too under ``--verbose``."""
+    if getattr(cfg, "verbose", False):
+        print_config(cfg, stream)
+    print(stage_line(cfg, stage, where, precision), file=stream, flush=True)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rlhfkit.config import RunArgs, from_dict, print_config
+from rlhfkit.config import RunArgs, announce, from_dict
 from rlhfkit.data import load_records
 from rlhfkit.data.split import split_records
 from rlhfkit.errors import ConfigError, Waiting
@@ -271,7 +271,7 @@ def split_prompts(cfg: PipelineConfig, folder: Path) -> tuple[str, str]:
 
 def run(cfg: PipelineConfig) -> Run:
     cfg.resolve()
-    print_config(cfg)
+    announce(cfg, "pipeline", Path(cfg.output_dir) / cfg.name)
     folder = Path(cfg.output_dir) / cfg.name
     # every stage's config, checked before anything runs or is written
     stages, notes = plan(cfg, folder, str(folder / "prompts" / "train.jsonl"), str(folder / "prompts" / "heldout.jsonl"))

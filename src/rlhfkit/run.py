@@ -179,7 +179,7 @@ class Run:
     def _check_same_config(self, cfg) -> None:
         saved = yaml.safe_load((self.path / "config.yaml").read_text())
         now = _config.to_dict(cfg)
-        ignore = {"resume", "name", "progress"}
+        ignore = {"resume", "name", "progress", "verbose"}
         diff = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
         if diff:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)

@@ -10,6 +10,13 @@ from dataclasses import dataclass
 from rlhfkit.errors import ConfigError
 from rlhfkit.people.projects import AnnotateArgs
 
+try:  # the annotate extra: the web app
+    import uvicorn
+
+    from rlhfkit.annotate.app import create_app
+except ImportError:  # pragma: no cover - exercised only without the extra
+    create_app = None
+
 
 @dataclass
 class AnnotateServeConfig(AnnotateArgs):

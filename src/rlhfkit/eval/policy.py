@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.config import DataArgs, ModelArgs, RunArgs, print_config
+from rlhfkit.config import DataArgs, ModelArgs, RunArgs, announce
 from rlhfkit.data import load_records
 from rlhfkit.data.split import load_train_eval
 from rlhfkit.errors import ConfigError
@@ -28,7 +28,7 @@ from rlhfkit.eval.metrics import sample_stats
 from rlhfkit.eval.report import write_report
 from rlhfkit.feedback.judge import judge_pairs, make_judge
 from rlhfkit.losses.kl import kl_penalty
-from rlhfkit.platform.placement import make_accelerator
+from rlhfkit.platform.placement import make_accelerator, precision_text, resolve_precision
 from rlhfkit.rollout.engine import RolloutEngine, load_engine
 from rlhfkit.rollout.phase import (
     Prompts,
@@ -150,10 +150,11 @@ class EvalPolicyConfig(RunArgs, DataArgs, ModelArgs, SamplingArgs):
 
 def run(cfg: EvalPolicyConfig) -> Run:
     cfg.resolve()
-    print_config(cfg)
+    cfg.mixed_precision, why = resolve_precision(cfg.mixed_precision)
     run = Run.open(cfg, "eval-policy", inputs={"model": cfg.model, "reference": cfg.reference, "eval": cfg.eval,
                                                "train": cfg.train})
-    accelerator = make_accelerator(cfg)  # the bf16 autocast; the engines own the device
+    announce(cfg, "eval policy", run.path, precision_text(cfg.mixed_precision, why))
+    accelerator = make_accelerator(cfg)  # the autocast; the engines own the device
     engine, tokenizer = load_engine(cfg.rollout, cfg.model, accelerator.device, seed=cfg.seed)
     policy = engine.model
     reference = Reference(policy, cfg.mixed_precision, cfg.reference).to(accelerator.device)

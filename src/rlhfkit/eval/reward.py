@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.config import print_config
+from rlhfkit.config import Precision, announce
 from rlhfkit.data import load_records, split_records
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval import metrics
@@ -59,8 +59,9 @@ class RMEvalConfig:
     """Maximum tokens of prompt plus response."""
     batch_size: int = 16
     """Groups per forward pass."""
-    mixed_precision: Literal["no", "bf16"] = "no"
-    """'bf16': score under bf16 autocast (about 3x faster on a CPU with AMX; rewards differ in the third digit)."""
+    mixed_precision: Precision = "no"
+    """'bf16' or 'fp16': score under that autocast (about 3x faster on a CPU with AMX; results differ in the
+    third digit); 'auto' picks by the hardware as the training stages do; 'no' is fp32."""
     seed: int = 0
     """Seed of the head when --model is a causal LM (an untrained reward head)."""
     output: str = ""
@@ -215,7 +216,7 @@ def write(result: dict, folder: Path) -> Path:
 def run(cfg: RMEvalConfig) -> dict:
     """Evaluate, write eval.json and the plots, print the headline figures; returns the result."""
     cfg.resolve()
-    print_config(cfg)
+    announce(cfg, "rm eval")
     result = evaluate(cfg)
     model_dir = Path(cfg.model)
     folder = Path(cfg.output) if cfg.output else (model_dir.parent / "eval" if model_dir.is_dir() else Path("rm-eval"))

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.config import DataArgs, ModelArgs, RunArgs, print_config
+from rlhfkit.config import DataArgs, ModelArgs, RunArgs, announce
 from rlhfkit.errors import ConfigError
 from rlhfkit.feedback.judge import judge_pairs, make_judge
 from rlhfkit.rollout.engine import load_engine
@@ -112,8 +112,8 @@ class Unscored(RewardSource):
 
 def run(cfg: LabelConfig) -> Run:
     cfg.resolve()
-    print_config(cfg)
     run = Run.open(cfg, "label", inputs={"train": cfg.train, "model": cfg.model})
+    announce(cfg, "label", run.path)
     engine, tokenizer = load_engine(cfg.rollout, cfg.model, seed=cfg.seed)
     prompts = prompts_from(cfg, tokenizer)
     records = prompts.records

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhfkit.config import RunArgs, print_config
+from rlhfkit.config import RunArgs, announce
 from rlhfkit.data.formats import TIE, majority
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.policy import EvalPolicyConfig
@@ -112,7 +112,7 @@ def human_result(items: list, judgements: list, samples: list[dict], stats: dict
 
 def run(cfg: ABConfig) -> Run:
     cfg.resolve()
-    print_config(cfg)
+    announce(cfg, "annotate ab", cfg.eval_run)
     eval_dir = Path(cfg.eval_run)
     if not (eval_dir / "eval.json").is_file():
         raise ConfigError(f"annotate ab: {eval_dir} has no eval.json (run `rlhfkit eval policy` first)")

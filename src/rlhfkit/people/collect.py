@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from rlhfkit.config import DataArgs, RunArgs, print_config
+from rlhfkit.config import DataArgs, RunArgs, announce
 from rlhfkit.errors import ConfigError, Waiting
 from rlhfkit.people.projects import AnnotateArgs, items_for, sample_groups, wrap
 from rlhfkit.rollout.phase import SamplingArgs
@@ -106,8 +106,8 @@ def wait_for_people(cfg, db, project: str, run: Run) -> dict:
 
 def run(cfg: CollectConfig) -> Run:
     cfg.resolve()
-    print_config(cfg)
     run = Run.open(cfg, "human-feedback", inputs={"train": cfg.train, "model": cfg.model})
+    announce(cfg, "annotate collect", run.path)
     project = cfg.project or run.path.name
     db = cfg.open()
     if not store.project_exists(db, project):

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 import torch
 import tyro
 
-from rlhfkit.config import DataArgs, print_config
+from rlhfkit.config import DataArgs, announce
 from rlhfkit.data.formats import load_records
 from rlhfkit.data.records import Demonstration, Preference, Ranking, Rating, StepSolution
 from rlhfkit.errors import ConfigError, RlhfkitError
@@ -215,7 +215,7 @@ def sample_groups(cfg: CreateConfig) -> list[tuple[list, list[str]]]:
 
 def run_create(cfg: CreateConfig) -> dict:
     cfg.resolve()
-    print_config(cfg)
+    announce(cfg, "annotate create", cfg.dir)
     db = cfg.open()
     records = None
     if cfg.k:

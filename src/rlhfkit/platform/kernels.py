@@ -29,12 +29,20 @@ def cpu_has_native_bf16() -> bool:
     extension). Without it PyTorch emulates bf16 matrix products, many times slower than fp32, and the
     stages route them through fp32 kernels instead (:func:`bf16_products_through_fp32`). True where the
     CPU's flags cannot be read (PyTorch's kernels are then left alone)."""
+    units = cpu_bf16_units()
+    return units is None or bool(units)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_units() -> list[str] | None:
+    """The CPU flags that name bf16 units (``avx512_bf16``, ``amx_bf16``, Arm's ``bf16``), sorted; None where
+    /proc/cpuinfo cannot be read."""
     try:
         flags = {f for line in open("/proc/cpuinfo") if line.lower().startswith(("flags", "features"))
                  for f in line.split(":", 1)[1].split()}
     except OSError:
-        return True
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+        return None
+    return sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 

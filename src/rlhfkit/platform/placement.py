@@ -22,7 +22,7 @@ from rlhfkit.platform.distributed import (
     fsdp_requested,
     shard_on_cpu,
 )
-from rlhfkit.platform.kernels import bf16_products_through_fp32, cpu_has_native_bf16
+from rlhfkit.platform.kernels import bf16_products_through_fp32, cpu_bf16_units, cpu_has_native_bf16
 
 
 def resolve_precision(requested: str) -> tuple[str, str]:
@@ -44,11 +44,22 @@ def resolve_precision(requested: str) -> tuple[str, str]:
         return requested, "asked for"
     if torch.cuda.is_available():
         if torch.cuda.is_bf16_supported(including_emulation=False):
-            return "bf16", f"{torch.cuda.get_device_name()} has bf16"
-        return "fp16", f"{torch.cuda.get_device_name()} has no bf16: fp16 with loss scaling"
+            return "bf16", f"auto: {torch.cuda.get_device_name()} has bf16"
+        return "fp16", f"auto: {torch.cuda.get_device_name()} has no bf16, fp16 with loss scaling"
     if cpu_has_native_bf16():
-        return "bf16", "this CPU has bf16 units (AVX512-BF16/AMX or Arm BF16)"
-    return "no", "this CPU has no bf16 units (bf16 would be converted to fp32 for every product): fp32"
+        return "bf16", f"auto: this CPU has bf16 units: {', '.join(cpu_bf16_units() or ['flags unread'])}"
+    return "no", "auto: this CPU has no bf16 units, where bf16 products go through fp32 kernels and cost more"
+
+
+def precision_text(choice: str, reason: str) -> str:
+    """How a stage's start line names its precision: ``fp32 (this CPU has no bf16 units ...)``."""
+    return f"{'fp32' if choice == 'no' else choice} ({reason})"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype a resolved precision computes in under autocast (None for fp32): frozen weights are
+    stored in it."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def make_accelerator(cfg: ModelArgs, grad_accum: int = 1):
@@ -74,7 +85,20 @@ def make_accelerator(cfg: ModelArgs, grad_accum: int = 1):
         shard_on_cpu(accelerator, cfg.mixed_precision)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator.state.deepspeed_plugin, cfg, grad_accum)
+    elif cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        scale_losses_on_cpu(accelerator)
     return accelerator
+
+
+def scale_losses_on_cpu(accelerator) -> None:
+    """fp16 on a CPU as on a GPU: fp16 autocast and a dynamic loss scaler (``torch.amp.GradScaler``).
+    accelerate 1.16 leaves fp16 off on CPUs without a word (no autocast, no scaler: the run is fp32).
+    fp16 buys a CPU nothing (``auto`` never picks it there); this makes ``--mixed-precision fp16`` mean
+    the same thing everywhere, and lets the loss-scaling path (a step skipped on overflow, the scale
+    halved, then grown again) run and be tested on a machine without a GPU. accelerate then scales the
+    loss in ``backward``, unscales before clipping and steps through the scaler, as on a GPU."""
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu")
 
 
 def cpu_launch() -> bool:

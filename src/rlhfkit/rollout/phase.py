@@ -18,6 +18,7 @@ from rlhfkit.data.split import load_train_eval
 from rlhfkit.data.template import encode_prompt
 from rlhfkit.errors import ConfigError
 from rlhfkit.models import disable_dropout, load_causal_lm
+from rlhfkit.platform.placement import autocast_dtype
 from rlhfkit.rollout.engine import RolloutEngine, SamplingParams, make_engine
 from rlhfkit.rollout.rewards import RewardSource
 from rlhfkit.rollout.sampler import Rollout, response_logprobs
@@ -166,8 +167,8 @@ class Reference:
             self.copy.eval()
             for p in self.copy.parameters():
                 p.requires_grad_(False)
-            if mixed_precision == "bf16":
-                self.copy.to(torch.bfloat16)
+            if autocast_dtype(mixed_precision) is not None:
+                self.copy.to(autocast_dtype(mixed_precision))
 
     def to(self, device) -> Reference:
         if self.copy is not None:

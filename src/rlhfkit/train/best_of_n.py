@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import PartialState
 
-from rlhfkit.config import DataArgs, ModelArgs, RunArgs, print_config
+from rlhfkit.config import DataArgs, ModelArgs, RunArgs, announce
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.kl import best_of_n_kl
 from rlhfkit.platform.placement import cpu_launch
@@ -56,9 +56,9 @@ def run(cfg: BoNConfig) -> Run:
     cfg.resolve()
     state = PartialState(cpu=cpu_launch())  # under accelerate launch: the prompts' batches are dealt out
     main = state.is_main_process
-    if main:
-        print_config(cfg)
     run = Run.open(cfg, "bon", inputs={"train": cfg.train, "model": cfg.model}, is_main=main)
+    if main:
+        announce(cfg, "bon", run.path)
     engine, tokenizer = load_engine(cfg.rollout, cfg.model, seed=cfg.seed)
     reward = reward_from(cfg, cfg.reward, engine.device)
     prompts = prompts_from(cfg, tokenizer)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import DistributedType
 
-from rlhfkit.config import ModelArgs, OptimArgs, accumulation_steps, print_config
+from rlhfkit.config import ModelArgs, OptimArgs, accumulation_steps, announce
 from rlhfkit.data.batching import split_by_tokens
 from rlhfkit.errors import ConfigError, StoppedError
 from rlhfkit.models import apply_lora, disable_dropout, merged_fp32
@@ -31,13 +31,19 @@ from rlhfkit.platform.distributed import (
     shards_parameters,
 )
 from rlhfkit.platform.kernels import release_freed_memory
-from rlhfkit.platform.placement import make_accelerator, world_size
+from rlhfkit.platform.placement import (
+    autocast_dtype,
+    make_accelerator,
+    precision_text,
+    resolve_precision,
+    world_size,
+)
 from rlhfkit.run import NonFiniteError, Run, check_finite
 
 
 def prepare_model(model, cfg: ModelArgs, modules_to_save: list[str] | None = None):
     """Dropout off, frozen bottom layers, gradient checkpointing, LoRA, then frozen linear weights
-    in bf16 under bf16 mixed precision (those left, and a 4-bit base's, copied out of the loaded file's
+    in the autocast dtype under bf16 or fp16 mixed precision (those left, and a 4-bit base's, copied out of the loaded file's
     mapping): in that order, on a freshly loaded model."""
     if cfg.disable_dropout:
         disable_dropout(model)
@@ -49,11 +55,12 @@ def prepare_model(model, cfg: ModelArgs, modules_to_save: list[str] | None = Non
     if cfg.lora_r > 0:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
                            modules_to_save=modules_to_save)
-    if cfg.mixed_precision == "bf16":
+    half = autocast_dtype(cfg.mixed_precision)
+    if half is not None:
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and not is_4bit(module):
-                module.to(torch.bfloat16)
-    if cfg.mixed_precision == "bf16" or cfg.load_in_4bit:  # the linears' loaded weights were replaced:
+                module.to(half)
+    if half is not None or cfg.load_in_4bit:  # the linears' loaded weights were replaced:
         copy_out_of_files(model)  # those left in fp32 no longer hold the whole loaded file in memory
     model.train()
     return model
@@ -69,7 +76,7 @@ def quantization(cfg: ModelArgs):
     if fsdp_requested() or deepspeed_requested():
         raise ConfigError(f"--load-in-4bit under {'FSDP' if fsdp_requested() else 'DeepSpeed'}: bitsandbytes' 4-bit "
                           "weights are not sharded here; use one process or DDP (configs/accelerate/ddp.yaml)")
-    return nf4_config(torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
+    return nf4_config(autocast_dtype(cfg.mixed_precision) or torch.float32)
 
 
 def freeze_bottom(model, trainable: int, keep: list[str]) -> None:
@@ -194,6 +201,7 @@ def start_stage(cfg, stage: str, inputs: dict[str, str], accum: int | None = Non
     own micro-batches per optimiser step, as the RL stages do)."""
     if accum is None:
         accum = accumulation_steps(cfg.batch_size, cfg.micro_batch_size, world_size())
+    cfg.mixed_precision, why = resolve_precision(cfg.mixed_precision)  # saved resolved in config.yaml
     accelerator = make_accelerator(cfg, accum)
     # every random draw of the stage (LoRA init, heads, dropout-free sampling) from the run's seed, a
     # different one per process (reference §1a item 6); DDP copies rank 0's initial weights to all
@@ -201,9 +209,10 @@ def start_stage(cfg, stage: str, inputs: dict[str, str], accum: int | None = Non
 
     set_seed(cfg.seed + accelerator.process_index * 100003)
     main = accelerator.is_main_process
-    if main:
-        print_config(cfg)
     run = Run.open(cfg, stage, inputs=inputs, is_main=main)
+    run.update_manifest(precision={"choice": cfg.mixed_precision, "reason": why})
+    if main:
+        announce(cfg, stage, run.path, precision_text(cfg.mixed_precision, why))
     log = print if main else (lambda *a, **k: None)
     return accelerator, run, log
 
@@ -262,10 +271,12 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     """Clip, check for NaN/inf, step, schedule, zero. Returns (grad norm, the lr this step used)."""
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    check_finite(step, grad_norm=grad_norm)
+    if accelerator.scaler is None:  # under fp16 loss scaling an overflow skips the step (the scaler's call)
+        check_finite(step, grad_norm=grad_norm)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
-    scheduler.step()
+    if not accelerator.optimizer_step_was_skipped:  # the schedule follows the steps taken
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if accelerator.device.type == "cpu":
         release_freed_memory()
