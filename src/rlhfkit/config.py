@@ -71,7 +71,10 @@ class DataArgs:
     split_by: str = ""
     """Hold out whole groups: records sharing this metadata field (e.g. question_id) stay on one side."""
     fields: str = ""
-    """Column mapping, e.g. 'prompt=question,response=answer'."""
+    """Column mapping, e.g. 'prompt=question,response=answer'; 'prompt=instruction+input' joins columns by a blank line."""
+    completions: Literal["ranking", "best-vs-random", "best-vs-worst"] = "ranking"
+    """Rows of scored completions (UltraFeedback): a ranking by score, or one pair, the best against a random
+    lower-scored one (Zephyr's recipe) or against the worst."""
     on_bad_record: Literal["error", "skip"] = "error"
     """A malformed record stops the run ('error', naming file, line and field) or is skipped and counted ('skip')."""
     max_length: int = 512

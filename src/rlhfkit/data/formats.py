@@ -20,19 +20,37 @@ prompt, steps               ``steps`` (``labels`` per step, or         StepSolut
                             ``mistake_index``: first wrong step)
 prompt, response|completion ``trl-standard`` / ``trl-conversational``  Demonstration
 messages                    ``messages`` (last turn is the response)   Demonstration
+conversations (from/value)  ``sharegpt`` (last turn is the response;   Demonstration
+                            with chosen/rejected: a preference)        (Preference)
+instruction, input, output  ``alpaca``: instruction and input joined   Demonstration
+                            by a blank line, as Alpaca's template      (Preference,
+                            separates them; chosen/rejected instead    PromptRecord)
+                            of output: a preference; no output: a
+                            prompt
+prompt|instruction,         ``ultrafeedback``: completions ordered by  Ranking
+completions (each with a    their score (overall_score, score or       (Preference)
+response and a score)       rating); or binarised, best against a
+                            random lower one or the worst
+                            (``completions="best-vs-random"`` /
+                            ``"best-vs-worst"``, as Zephyr's and TRL's
+                            recipes do)
 prompt                      ``prompt``                                 PromptRecord
 ==========================  =======================================  ==============
 
 A field mapping (``{"prompt": "question", "response": "answer"}``) renames input columns first, so
-any column names work; ``winner=col1+col2+col3`` gathers several annotators' label columns into one
-list of votes. A malformed row raises ``DataError`` naming file, line and field; with
+any column names work; ``prompt=instruction+input`` joins text columns (by a blank line, empty ones
+left out), and ``winner=col1+col2+col3`` gathers several annotators' label columns into one list of
+votes. Fields a row holds that its format does not read are counted (``Loaded.unread``): kept as
+metadata when they are not record fields, and reported either way, never dropped without a word. A malformed row raises ``DataError`` naming file, line and field; with
 ``on_bad_record="skip"`` it is skipped and counted instead.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +71,8 @@ from rlhfkit.data.records import (
 CORE_FIELDS = {"prompt", "chosen", "rejected", "margin", "responses", "scores", "response", "completion",
                "rating", "steps", "labels", "mistake_index", "correct", "messages", "system", "response_a",
                "response_b", "winner", "_response_names"}
+COMPLETIONS = ("ranking", "best-vs-random", "best-vs-worst")  # how scored multi-completion rows are read
+JOIN = "\n\n"  # joined text columns (prompt=instruction+input): a blank line, as Alpaca's template
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -71,16 +91,32 @@ def parse_fields(spec: str | dict | None) -> dict[str, str]:
     return out
 
 
-def map_fields(row: dict, fields: dict[str, str]) -> dict:
+def map_fields(row: dict, fields: dict[str, str], where: str = "") -> dict:
     """Rename columns to canonical fields. ``winner=a+b+c`` gathers the columns a, b and c (one per
-    annotator) into a list of votes, a missing column counting as no vote."""
+    annotator) into a list of votes, a missing column counting as no vote; any other ``x=a+b`` joins the
+    text columns a and b by a blank line (:data:`JOIN`), leaving out missing or empty ones.
+
+    >>> map_fields({"instruction": "Translate.", "input": "chat", "output": "cat"}, {"prompt": "instruction+input"})
+    {'output': 'cat', 'prompt': 'Translate.\\n\\nchat'}
+    """
     if not fields:
         return row
     taken = {c for column in fields.values() for c in column.split("+")}
     out = {k: v for k, v in row.items() if k not in taken}
     for canonical, column in fields.items():
-        if "+" in column:
+        if "+" in column and canonical == "winner":
             out[canonical] = [row.get(c) for c in column.split("+")]
+        elif "+" in column:
+            parts = []
+            for c in column.split("+"):
+                value = row.get(c)
+                if value is not None and not isinstance(value, str):
+                    raise _err(where, c, f"--fields {canonical}={column} joins text columns; '{c}' holds a "
+                                         f"{type(value).__name__}")
+                if value and value.strip():
+                    parts.append(value.strip())
+            if parts:
+                out[canonical] = JOIN.join(parts)
         elif column in row:
             out[canonical] = row[column]
     return out
@@ -90,9 +126,18 @@ def map_fields(row: dict, fields: dict[str, str]) -> dict:
 # detection
 
 
-def detect(row: dict) -> tuple[str, str]:
-    """(kind, format) for a row after field mapping."""
+def detect(row: dict, completions: str = "ranking") -> tuple[str, str]:
+    """(kind, format) for a row after field mapping. ``completions``: how a row of scored completions
+    (UltraFeedback) is read, as a ranking or binarised into a preference (:data:`COMPLETIONS`)."""
     keys = set(row)
+    if "conversations" in keys:
+        return ("preference", "sharegpt") if {"chosen", "rejected"} <= keys else ("demonstration", "sharegpt")
+    if "completions" in keys and isinstance(row["completions"], list) and ("prompt" in keys or "instruction" in keys):
+        return ("ranking", "ultrafeedback") if completions == "ranking" else ("preference", f"ultrafeedback-{completions}")
+    if "instruction" in keys and "prompt" not in keys:
+        if {"chosen", "rejected"} <= keys:
+            return "preference", "alpaca"
+        return ("demonstration", "alpaca") if "output" in keys else ("prompt", "alpaca")
     if {"response_a", "response_b", "winner"} <= keys:
         return "preference", "pairwise-winner"
     if {"chosen", "rejected"} <= keys:
@@ -119,7 +164,8 @@ def detect(row: dict) -> tuple[str, str]:
         return "prompt", "prompt"
     raise DataError(
         f"cannot tell the format from fields {sorted(keys)}: expected e.g. prompt/chosen/rejected, "
-        f"prompt/response, messages, prompt/responses, prompt/response/rating or prompt/steps; "
+        f"prompt/response, messages, conversations (ShareGPT), instruction/input/output (Alpaca), "
+        f"prompt/completions (UltraFeedback), prompt/responses, prompt/response/rating or prompt/steps; "
         f"map your column names with --fields prompt=your_column,..."
     )
 
@@ -301,10 +347,154 @@ def _common_text_prefix(a: str, b: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# the formats people bring, rewritten as the canonical fields the converters read
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
+SCORE_KEYS = ("overall_score", "score", "rating")  # a completion's score, in this order of preference
+
+
+def _sharegpt_turn(turn, name: str, where: str) -> dict:
+    if isinstance(turn, str):
+        return {"role": "assistant", "content": turn}
+    if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+        raise _err(where, name, 'expected {"from": ..., "value": str}')
+    role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+    if role is None:
+        raise _err(where, f"{name}.from", f"expected one of {', '.join(sorted(SHAREGPT_ROLES))}, got {turn.get('from')!r}")
+    return {"role": role, "content": turn["value"]}
+
+
+def _sharegpt(row: dict, kind: str, where: str) -> dict:
+    """ShareGPT (``conversations``: [{"from": "human"|"gpt"|"system", "value": ...}]) as ``messages``, or, with
+    ``chosen``/``rejected`` turns (LLaMA-Factory's preference form), as a prompt and two responses."""
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise _err(where, "conversations", "expected a non-empty list of turns")
+    msgs = [_sharegpt_turn(t, f"conversations[{i}]", where) for i, t in enumerate(turns)]
+    rest = {k: v for k, v in row.items() if k not in ("conversations", "chosen", "rejected")}
+    if kind == "preference":
+        chosen, rejected = (_sharegpt_turn(row[k], k, where) for k in ("chosen", "rejected"))
+        return {**rest, "prompt": msgs, "chosen": chosen["content"], "rejected": rejected["content"]}
+    return {**rest, "messages": msgs}
+
+
+def _alpaca(row: dict, kind: str, where: str) -> dict:
+    """Alpaca (``instruction``, optional ``input``, ``output``; ``system`` and ``history`` of earlier
+    [question, answer] pairs as LLaMA-Factory writes them): the prompt is the instruction and the input
+    joined by a blank line, as Alpaca's template separates them."""
+    parts = []
+    for name in ("instruction", "input"):
+        value = row.get(name)
+        if value is not None and not isinstance(value, str):
+            raise _err(where, name, f"expected a string, got {type(value).__name__}")
+        if value and value.strip():
+            parts.append(value.strip())
+    if not parts:
+        raise _err(where, "instruction", "empty")
+    msgs = []
+    for i, pair in enumerate(row.get("history") or []):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise _err(where, f"history[{i}]", "expected [question, answer]")
+        msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    msgs.append({"role": "user", "content": JOIN.join(parts)})
+    rest = {k: v for k, v in row.items() if k not in ("instruction", "input", "output", "history")}
+    if kind == "demonstration":
+        return {**rest, "prompt": msgs, "response": row["output"]}
+    return {**rest, "prompt": msgs}
+
+
+def _completion_score(completion: dict, i: int, where: str) -> tuple[str, float]:
+    if not isinstance(completion, dict):
+        raise _err(where, f"completions[{i}]", "expected {\"response\": str, \"overall_score\": number}")
+    text = completion.get("response", completion.get("text"))
+    if not isinstance(text, str):
+        raise _err(where, f"completions[{i}].response", "missing")
+    key = next((k for k in SCORE_KEYS if completion.get(k) is not None), None)
+    if key is None:
+        raise _err(where, f"completions[{i}]", f"no score: expected one of {', '.join(SCORE_KEYS)}")
+    return text, _number(completion, key, f"{where}: completions[{i}]")
+
+
+def _ultrafeedback(row: dict, fmt: str, where: str) -> dict:
+    """UltraFeedback-style rows (a prompt, or ``instruction``, and ``completions``, each a response with a
+    score): a ranking by score (``responses`` and ``scores``), or binarised into one preference: the best
+    against a random lower-scored one (Zephyr's recipe; the draw depends only on the row's place, so a
+    re-read gives the same pairs) or against the worst. A row whose completions all score the same
+    holds no preference: dropped and counted as a tie."""
+    items = row["completions"]
+    if len(items) < 2:
+        raise _err(where, "completions", "expected at least 2 completions")
+    scored = [_completion_score(c, i, where) for i, c in enumerate(items)]
+    rest = {k: v for k, v in row.items() if k not in ("completions", "instruction")}
+    rest["prompt"] = row.get("prompt", row.get("instruction"))
+    if fmt == "ultrafeedback":
+        return {**rest, "responses": [t for t, _ in scored], "scores": [x for _, x in scored]}
+    best = max(range(len(scored)), key=lambda i: scored[i][1])
+    lower = [i for i in range(len(scored)) if scored[i][1] < scored[best][1]]
+    if not lower:
+        raise Dropped("ties_dropped")
+    if fmt.endswith("best-vs-worst"):
+        other = min(lower, key=lambda i: scored[i][1])
+    else:
+        other = random.Random(zlib.crc32(where.encode())).choice(lower)
+    return {**rest, "chosen": scored[best][0], "rejected": scored[other][0],
+            "chosen_score": scored[best][1], "rejected_score": scored[other][1]}
+
+
+def canonical(row: dict, kind: str, fmt: str, where: str) -> tuple[dict, str]:
+    """A row of a format people bring (ShareGPT, Alpaca, UltraFeedback) rewritten in the canonical fields,
+    with the canonical format its converter reads; other rows as they are."""
+    if fmt == "sharegpt":
+        return _sharegpt(row, kind, where), ("trl-conversational" if kind == "preference" else "messages")
+    if fmt == "alpaca":
+        return _alpaca(row, kind, where), ("trl-standard" if kind != "prompt" else "prompt")
+    if fmt.startswith("ultrafeedback"):
+        return _ultrafeedback(row, fmt, where), ("ranking" if fmt == "ultrafeedback" else "trl-standard")
+    return row, fmt
+
+
+# the canonical fields each (kind, format) reads; any other record field a row holds is unread
+READS = {
+    ("preference", "pairwise-winner"): {"prompt", "system", "response_a", "response_b", "winner", "margin", "_response_names"},
+    ("preference", "hh-rlhf"): {"chosen", "rejected", "margin"},
+    ("preference", "trl-conversational-implicit"): {"chosen", "rejected", "margin"},
+    ("preference", "trl-standard-implicit"): {"chosen", "rejected", "margin"},
+    ("preference", "trl-standard"): {"prompt", "system", "chosen", "rejected", "margin"},
+    ("preference", "trl-conversational"): {"prompt", "system", "chosen", "rejected", "margin"},
+    ("ranking", "ranking"): {"prompt", "system", "responses", "scores"},
+    ("rating", "rating"): {"prompt", "system", "response", "completion", "rating"},
+    ("steps", "steps"): {"prompt", "system", "steps", "labels", "mistake_index", "correct"},
+    ("demonstration", "messages"): {"messages"},
+    ("demonstration", "trl-standard"): {"prompt", "system", "response", "completion"},
+    ("demonstration", "trl-conversational"): {"prompt", "system", "response", "completion"},
+    ("prompt", "prompt"): {"prompt", "system"},
+    ("demonstration", "sharegpt"): {"conversations"},
+    ("preference", "sharegpt"): {"conversations", "chosen", "rejected"},
+    ("demonstration", "alpaca"): {"instruction", "input", "output", "history", "system"},
+    ("preference", "alpaca"): {"instruction", "input", "chosen", "rejected", "history", "system", "margin"},
+    ("prompt", "alpaca"): {"instruction", "input", "history", "system"},
+    **{(kind, fmt): {"prompt", "instruction", "completions", "system"}
+       for kind, fmt in [("ranking", "ultrafeedback"), *(("preference", f"ultrafeedback-{c}") for c in COMPLETIONS[1:])]},
+}
+
+
+def unread_fields(row: dict, kind: str, fmt: str) -> list[str]:
+    """The fields of a row (after field mapping) that its detected format does not read: record fields it
+    ignores, and columns that are not record fields (kept as the record's metadata)."""
+    reads = READS.get((kind, fmt))
+    if reads is None:  # solutions-by-model: every column is the format's
+        return []
+    return sorted(k for k in row if k not in reads and not k.startswith("_"))
+
+
+# ---------------------------------------------------------------------------------------------
 # converters: row -> record
 
 
 def to_record(row: dict, kind: str, fmt: str, where: str) -> Record | list[Record]:
+    """A record of ``kind`` from a row in the canonical fields of ``fmt`` (see :func:`canonical`)."""
     meta = {k: v for k, v in row.items() if k not in CORE_FIELDS}
     if kind == "preference" and fmt == "pairwise-winner":
         a, b = _text(row, "response_a", where), _text(row, "response_b", where)
@@ -442,11 +632,19 @@ class Loaded:
     skipped: int = 0
     errors: list[str] = field(default_factory=list)  # the first few messages of skipped rows
     problems: Counter = field(default_factory=Counter)
+    unread: Counter = field(default_factory=Counter)  # field -> rows holding it that the format does not read
+
+    def ignored(self) -> dict[str, int]:
+        """Record fields rows held that their format does not read (e.g. a 'response' beside chosen and
+        rejected): not in any record, so every stage says so."""
+        return {k: n for k, n in sorted(self.unread.items()) if k in CORE_FIELDS}
 
     def summary(self) -> str:
         s = f"{self.path}: {len(self.records)} {self.kind} records ({self.format})"
         if self.problems.get("ties_dropped"):
             s += f"; {self.problems['ties_dropped']} ties dropped"
+        if self.ignored():
+            s += "; not read by this format: " + ", ".join(f"{k} ({n} rows)" for k, n in self.ignored().items())
         if self.skipped:
             s += f"; skipped {self.skipped} malformed of {self.rows} rows, e.g. {self.errors[0]}"
         return s
@@ -467,23 +665,28 @@ def expand_paths(spec: str | Path) -> list[Path]:
 
 
 def load_records(path: str | Path, kind: str | None = None, fields: str | dict | None = None,
-                 on_bad_record: str = "error", limit: int | None = None, split: str = "train") -> Loaded:
+                 on_bad_record: str = "error", limit: int | None = None, split: str = "train",
+                 completions: str = "ranking") -> Loaded:
     """Read a file (or several: comma-separated or a glob) into typed records of ``kind`` (detected
     when None).
 
     on_bad_record: "error" raises at the first malformed row (naming file, line and field);
     "skip" skips it, counts it and keeps the first messages in ``Loaded.errors``.
+    completions: how rows of scored completions (UltraFeedback) are read (:data:`COMPLETIONS`).
     """
+    if completions not in COMPLETIONS:
+        raise ValueError(f"completions must be one of {', '.join(COMPLETIONS)}, got {completions!r}")
     paths = expand_paths(path)
     if len(paths) > 1:
-        parts = [load_records(p, kind, fields, on_bad_record, None, split) for p in paths]
+        parts = [load_records(p, kind, fields, on_bad_record, None, split, completions) for p in paths]
         kinds = {p.kind for p in parts}
         if len(kinds) > 1:
             raise DataError(f"{path}: the files hold different kinds of records: {sorted(kinds)}")
         merged = Loaded(path=str(path), kind=parts[0].kind, format="+".join(sorted({p.format for p in parts})),
                         records=[r for p in parts for r in p.records][:limit], rows=sum(p.rows for p in parts),
                         skipped=sum(p.skipped for p in parts), errors=[e for p in parts for e in p.errors][:5],
-                        problems=sum((p.problems for p in parts), Counter()))
+                        problems=sum((p.problems for p in parts), Counter()),
+                        unread=sum((p.unread for p in parts), Counter()))
         return merged
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
@@ -500,19 +703,24 @@ def load_records(path: str | Path, kind: str | None = None, fields: str | dict |
         try:
             if isinstance(row, DataError):
                 raise row
-            row = map_fields(row, mapping)
+            row = map_fields(row, mapping, where)
             if names:
                 row["_response_names"] = names
             if stored is None:
                 try:
-                    stored = detect(row)
+                    stored = detect(row, completions)
                 except DataError as e:
                     raise DataError(f"{where}: {e}") from None
                 if kind is not None and stored[0] != kind and stored[0] not in CONVERTIBLE.get(kind, ()):
+                    hint = ("; read its completions as pairs with --completions best-vs-random (or best-vs-worst)"
+                            if stored[1] == "ultrafeedback" and kind == "preference" else
+                            "; map columns with --fields if it is mislabelled")
                     raise DataError(f"{where}: this file holds {stored[0]} records ({stored[1]}), but {kind} records "
-                                    f"are needed; map columns with --fields if it is mislabelled")
+                                    f"are needed{hint}")
                 out.kind, out.format = kind or stored[0], stored[1]
-            made = to_record(row, stored[0], stored[1], where)
+            unread = unread_fields(row, *stored)
+            canonical_row, fmt = canonical(row, stored[0], stored[1], where)
+            made = to_record(canonical_row, stored[0], fmt, where)
             made = [convert(r, out.kind) if r.__class__ is not KINDS[out.kind] else r
                     for r in (made if isinstance(made, list) else [made])]
         except Dropped as d:
@@ -526,6 +734,7 @@ def load_records(path: str | Path, kind: str | None = None, fields: str | dict |
                 out.errors.append(str(e))
             continue
         records.extend(made)
+        out.unread.update(unread)
         if limit is not None and len(records) >= limit:
             break
     if stored is None:

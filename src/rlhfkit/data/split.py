@@ -53,7 +53,8 @@ def load_train_eval(cfg, kind: str, log=print):
     ``--eval-size`` held out of ``--train`` (grouped by ``--split-by``), then ``--limit``.
     Returns (train records, held-out records, the Loaded report of --train)."""
     def load(path):
-        return load_records(path, kind=kind, fields=cfg.fields, on_bad_record=cfg.on_bad_record)
+        return load_records(path, kind=kind, fields=cfg.fields, on_bad_record=cfg.on_bad_record,
+                            completions=cfg.completions)
 
     loaded = load(cfg.train)
     log(loaded.summary())

@@ -23,7 +23,9 @@ class InspectConfig:
     kind: Literal["auto", "prompt", "demonstration", "preference", "ranking", "rating", "steps"] = "auto"
     """Record kind to read the file as ('auto': detect)."""
     fields: str = ""
-    """Column mapping, e.g. 'prompt=question,response=answer'."""
+    """Column mapping, e.g. 'prompt=question,response=answer'; 'prompt=instruction+input' joins columns."""
+    completions: Literal["ranking", "best-vs-random", "best-vs-worst"] = "ranking"
+    """Rows of scored completions (UltraFeedback): a ranking, or binarised into pairs (as the stages' flag)."""
     model: str = "smollm2-135m-instruct"
     """Tokenizer used for the length statistics."""
     max_length: int = 512
@@ -54,7 +56,7 @@ def _responses(record) -> list:
 
 def inspect(cfg: InspectConfig) -> dict:
     loaded = load_records(cfg.path, kind=None if cfg.kind == "auto" else cfg.kind, fields=cfg.fields,
-                          on_bad_record="skip")
+                          on_bad_record="skip", completions=cfg.completions)
     tokenizer = load_tokenizer(cfg.model)
     prompt_len, response_len, total_len = [], [], []
     problems = {"chosen_equals_rejected": [], "empty_response": [], "overlong": [], "multi_turn_response": []}
@@ -85,6 +87,9 @@ def inspect(cfg: InspectConfig) -> dict:
         "malformed": loaded.skipped,
         "malformed_examples": loaded.errors,
         "ties_dropped": loaded.problems.get("ties_dropped", 0),
+        # fields the format does not read: record fields it ignores, other columns kept as metadata
+        "unread_fields": {"ignored": loaded.ignored(),
+                          "metadata": {k: n for k, n in sorted(loaded.unread.items()) if k not in loaded.ignored()}},
         "tokens": {"prompt": _stats(prompt_len), "response": _stats(response_len),
                    "prompt+longest_response": _stats(total_len), "tokenizer": cfg.model},
         "problems": {k: {"count": len(v), "examples": list(dict.fromkeys(v))[:3]} for k, v in problems.items()},
@@ -101,6 +106,11 @@ def render(report: dict) -> str:
              + (f"; {report['ties_dropped']} ties dropped" if report["ties_dropped"] else "")]
     for e in report["malformed_examples"]:
         lines.append(f"    malformed: {e}")
+    for label, key in (("not read", "ignored"), ("metadata", "metadata")):
+        found = report["unread_fields"][key]
+        if found:
+            note = "record fields this format ignores" if key == "ignored" else "kept with each record, not read by the format"
+            lines.append(f"  {label:<11} {', '.join(f'{k} ({n} rows)' for k, n in found.items())}: {note}")
     lines.append(f"  tokens ({report['tokens']['tokenizer']})")
     for name in ("prompt", "response", "prompt+longest_response"):
         s = report["tokens"][name]
