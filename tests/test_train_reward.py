@@ -103,12 +103,21 @@ def test_pairwise_training_learns_and_saves_hf_format(tmp_path):
 
     # rm score writes every row back with its rewards
     demo = write_jsonl(tmp_path / "demo.jsonl", [{"prompt": "Question 1?", "response": "Thank you for asking, the answer is 1.", "id": 7}])
-    out = subprocess.run([PYTHON, "-m", "rlhfkit.cli", "rm", "score", "--model", str(run.path / "final"),
+    out = subprocess.run([PYTHON, "-m", "rlhfkit.cli", "rm", "score", "--reward", str(run.path / "final"),
                           "--data", str(demo), "--output", str(tmp_path / "scored.jsonl")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     (row,) = [json.loads(x) for x in (tmp_path / "scored.jsonl").read_text().splitlines()]
     assert row["id"] == 7 and isinstance(row["reward"], float)
+    # any --reward: the same model plus a rule term, weighted, adds the rule's value to the model's
+    rule = tmp_path / "rule.yaml"
+    rule.write_text("keywords: [answer]\n")
+    out = subprocess.run([PYTHON, "-m", "rlhfkit.cli", "rm", "score", "--reward", f"1.0*{run.path / 'final'} + 2.0*rule:{rule}",
+                          "--data", str(demo), "--output", str(tmp_path / "scored2.jsonl")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row2,) = [json.loads(x) for x in (tmp_path / "scored2.jsonl").read_text().splitlines()]
+    assert row2["reward"] == pytest.approx(row["reward"] + 2.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("kind,rows", [

@@ -34,7 +34,7 @@ STAGES: dict[str, Stage] = {
     "rm train": Stage("rlhfkit.train.reward", "RMConfig", "train a reward model (pairwise, ranking, rating, orm, prm)"),
     "rm eval": Stage("rlhfkit.eval.reward", "RMEvalConfig",
                      "evaluate a reward model: accuracy, calibration, best-of-n, step detection"),
-    "rm score": Stage("rlhfkit.eval.score", "ScoreConfig", "score (prompt, response) records with a reward model"),
+    "rm score": Stage("rlhfkit.eval.score", "ScoreConfig", "score (prompt, response) records with any --reward (RM, rules, HTTP, sums)"),
     "ppo": Stage("rlhfkit.train.ppo", "PPOConfig", "PPO actor-critic with a KL penalty to the reference"),
     "pg": Stage("rlhfkit.train.policy_gradient", "PGConfig", "critic-free policy gradient: reinforce, rloo, grpo, dr_grpo"),
     "bon": Stage("rlhfkit.train.best_of_n", "BoNConfig", "best-of-n sampling against a reward"),

@@ -1,4 +1,5 @@
-"""``rlhfkit rm score``: add reward-model scores to a file of (prompt, response) records.
+"""``rlhfkit rm score``: add rewards to a file of (prompt, response) records, from any ``--reward`` (a
+reward model, rules, an HTTP scorer or a weighted sum: the grammar every stage uses).
 
 Each input row is written back out unchanged with ``reward`` added (or ``chosen_reward`` and
 ``rejected_reward`` for preference pairs), as JSON lines.
@@ -11,16 +12,17 @@ from dataclasses import dataclass
 
 from rlhfkit.data import Demonstration, Preference, load_records
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.reward import load_reward_model, score
-from rlhfkit.platform.placement import place
+from rlhfkit.platform.placement import select_device
+from rlhfkit.rollout.rewards import parse_reward
 
 
 @dataclass
 class ScoreConfig:
-    """Score (prompt, response) records with a reward model and write them out with their rewards."""
+    """Score (prompt, response) records with any reward and write them out with their rewards."""
 
-    model: str = ""
-    """The reward model folder (a run's final/)."""
+    reward: str = ""
+    """The reward: a reward model folder (a run's final/), rule:FILE.yaml, http(s)://scorer or a weighted sum
+    such as '1.0*runs/rm/final + 0.5*rule:r.yaml'."""
     data: str = ""
     """Records with prompt and response (or chosen and rejected)."""
     output: str = ""
@@ -33,8 +35,8 @@ class ScoreConfig:
     """Longer sequences lose their oldest prompt tokens."""
 
     def resolve(self) -> ScoreConfig:
-        if not self.model or not self.data:
-            raise ConfigError("rm score: --model and --data are required")
+        if not self.reward or not self.data:
+            raise ConfigError("rm score: --reward and --data are required")
         return self
 
 
@@ -51,17 +53,17 @@ def score_file(cfg: ScoreConfig) -> str:
     records = loaded.records
     if not records or not isinstance(records[0], (Demonstration, Preference)):
         raise ConfigError(f"{cfg.data}: rm score needs prompt/response or preference records, found {loaded.kind}")
-    rm, tokenizer = load_reward_model(cfg.model)
-    place(rm)
-    prompts, responses, slots = [], [], []
+    reward = parse_reward(cfg.reward, cfg.batch_size, cfg.max_length, select_device())
+    prompts, responses, metas, slots = [], [], [], []
     for i, r in enumerate(records):
         pairs = [("chosen_reward", r.chosen), ("rejected_reward", r.rejected)] if isinstance(r, Preference) \
             else [("reward", r.response)]
         for name, resp in pairs:
             prompts.append(r.prompt)
             responses.append(resp)
+            metas.append(r.meta)
             slots.append((i, name))
-    rewards = score(rm, tokenizer, prompts, responses, batch_size=cfg.batch_size, max_length=cfg.max_length)
+    rewards = reward.score(prompts, responses, metas)
     rows = [dict(_original(r)) for r in records]
     for (i, name), value in zip(slots, rewards):
         rows[i][name] = value
