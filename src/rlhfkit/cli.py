@@ -58,6 +58,9 @@ def quiet_dependencies() -> None:
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(torch|transformers|accelerate|peft|deepspeed)\b")
     logging.getLogger("accelerate.utils.other").addFilter(_Drop("Removed shared tensor"))
+    # peft imports bitsandbytes where it is installed (the qlora extra), whose CPU backend then reports the
+    # hub kernel it could not fetch: rlhfkit fetches nothing at run time and uses the kernels bitsandbytes ships
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_Drop("Failed to load CPU gemm_4bit_forward"))
     import torch
 
     if not torch.cuda.is_available():
@@ -65,6 +68,20 @@ def quiet_dependencies() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # its load reports (a new reward head is "MISSING" from the checkpoint, as meant)
+    warnings.showwarning = _show_warning
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """rlhfkit's own warnings (a monitor's alarm) on a line of their own, without the source line that
+    raised them; everything else as Python shows it."""
+    if category.__module__.startswith("rlhfkit"):
+        print(f"\nrlhfkit: {category.__name__}: {message}", file=file or sys.stderr, flush=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
 
 
 def fail(message: str) -> None:

@@ -73,19 +73,34 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
-    """One token per row from the categorical ``probs`` (B, V), by inverting its CDF at one uniform draw
-    per row: exact, and B random numbers instead of the B x V exponentials ``torch.multinomial`` draws
-    (a tenth of a CPU decoding step at V = 49k). ``generator`` may be a list with one generator per row:
-    each row's tokens then depend on its own stream alone, not on the rows beside it in the batch."""
-    cdf = probs.cumsum(-1)
+def draw(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
+         block: int = 256) -> torch.Tensor:
+    """One token per row from the categorical ``probs`` (B, V; weights, normalised or not), by inverting its CDF at one uniform draw
+    per row: exact, and B random numbers instead of the B x V exponentials ``torch.multinomial`` draws.
+    ``generator`` may be a list with one generator per row: each row's tokens then depend on its own
+    stream alone, not on the rows beside it in the batch.
+
+    The CDF is inverted in two levels, since a running sum over V = 49k entries is a slow sequential
+    scan on a CPU: the sums of blocks of ``block`` entries (one vectorised reduction) and their running
+    sum (V / block entries) pick the block where u falls; the running sum inside that block alone picks
+    the token. Only the order of the float additions differs from one running sum over the row. Where
+    rounding puts u at or past a sum's end, the last entry with positive probability is taken, so a token
+    of probability 0 (filtered out by top-k or top-p) is never drawn."""
+    b, v = probs.shape
     if isinstance(generator, list):
         u = torch.cat([torch.rand(1, generator=g) for g in generator])[:, None].to(probs.device)
     else:
-        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+        u = torch.rand(b, 1, generator=generator, device=probs.device)
+    blocks = F.pad(probs, (0, (-v) % block)).view(b, -1, block)
+    cdf = blocks.sum(-1).cumsum(-1)  # (B, V / block)
     u = u * cdf[:, -1:]
-    token = torch.searchsorted(cdf, u, right=True).squeeze(-1)
-    return token.clamp(max=probs.shape[-1] - 1)
+    last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True)  # the last block with positive mass
+    chosen = torch.minimum(torch.searchsorted(cdf, u, right=True), last)  # (B, 1)
+    before = torch.where(chosen > 0, cdf.gather(-1, (chosen - 1).clamp(min=0)), torch.zeros_like(u))
+    inner = blocks.gather(1, chosen[..., None].expand(-1, 1, block)).squeeze(1).cumsum(-1)  # (B, block)
+    last = (inner < inner[:, -1:]).sum(-1, keepdim=True)  # the last entry with positive probability
+    within = torch.minimum(torch.searchsorted(inner, u - before, right=True), last)
+    return (chosen * block + within).squeeze(-1)
 
 
 def prefill(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int):
@@ -166,13 +181,15 @@ def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_to
             scaled = logits.float() / temp
             if step < min_new_tokens:
                 scaled[:, eos_id] = float("-inf")
-            logp_all = torch.log_softmax(scaled, -1)
+            # one pass of exponentials serves the draw (unnormalised weights) and the logprob of the token
+            # drawn: the temperature-scaled, unfiltered log softmax, s_t - m - log sum exp(s - m)
+            top = scaled.max(-1, keepdim=True).values
+            weights = (scaled - top).exp()
             if temperature > 0:
-                token = draw(filter_logits(scaled, top_k, top_p).softmax(-1) if top_k or top_p < 1 else logp_all.exp(),
-                             generator)
+                token = draw(filter_logits(scaled, top_k, top_p).softmax(-1) if top_k or top_p < 1 else weights, generator)
             else:
                 token = scaled.argmax(-1)
-            logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
+            logp = (scaled.gather(-1, token[:, None]) - top).squeeze(-1) - weights.sum(-1).log()
             live = ~done
             tokens.append(torch.where(live, token, torch.full_like(token, pad_id)))
             logps.append(torch.where(live, logp, torch.zeros_like(logp)))
