@@ -56,6 +56,17 @@ def nf4_config(compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def products_in_compute_dtype(model: torch.nn.Module) -> None:
+    """Keep every 4-bit layer's products in its compute dtype in every mode. On a CPU with AVX512-BF16,
+    bitsandbytes 0.50 repacks a ``Linear4bit``'s weights the first time the layer runs in eval mode
+    (sampling) and from then on, in training too, multiplies in bf16 through a fused kernel that has no
+    backward pass: the sampler's logprobs would differ from the trainer's by bf16 rounding (half a logit
+    on the tiny model), and no gradient would flow through the base layers to the adapters below them."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def is_4bit(model: torch.nn.Module) -> bool:
     """Whether any linear layer of ``model`` holds 4-bit weights."""
     return any(type(p).__name__ == "Params4bit" for p in model.parameters())

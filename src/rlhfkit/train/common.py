@@ -21,7 +21,7 @@ from rlhfkit.data.batching import split_by_tokens
 from rlhfkit.errors import ConfigError, StoppedError
 from rlhfkit.models import apply_lora, disable_dropout, merged_fp32
 from rlhfkit.models.loading import copy_out_of_files
-from rlhfkit.models.quant import is_4bit, nf4_config
+from rlhfkit.models.quant import is_4bit, nf4_config, products_in_compute_dtype
 from rlhfkit.platform.distributed import (
     broadcast_weights,
     deepspeed_requested,
@@ -60,6 +60,8 @@ def prepare_model(model, cfg: ModelArgs, modules_to_save: list[str] | None = Non
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and not is_4bit(module):
                 module.to(half)
+    if cfg.load_in_4bit:
+        products_in_compute_dtype(model)
     if half is not None or cfg.load_in_4bit:  # the linears' loaded weights were replaced:
         copy_out_of_files(model)  # those left in fp32 no longer hold the whole loaded file in memory
     model.train()
