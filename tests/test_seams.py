@@ -117,6 +117,18 @@ def test_every_module_imports_in_a_fresh_process():
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr
 
 
+def test_the_examples_in_docstrings_hold():
+    """Every ``>>>`` example in the package's docstrings runs and prints what it says."""
+    import doctest
+    import importlib
+
+    attempted = failed = 0
+    for info in pkgutil.walk_packages(rlhfkit.__path__, "rlhfkit."):
+        result = doctest.testmod(importlib.import_module(info.name), optionflags=doctest.ELLIPSIS, verbose=False)
+        attempted, failed = attempted + result.attempted, failed + result.failed
+    assert attempted >= 20 and failed == 0
+
+
 def test_no_function_local_internal_imports():
     """Internal imports sit at module top; a function imports only optional heavy third-party packages."""
     import ast

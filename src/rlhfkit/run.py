@@ -104,6 +104,9 @@ def _versions() -> dict:
     return out
 
 
+RESULT_KEYS = ("loss", "accuracy", "score", "kl", "response_length")  # what a stage's result block shows
+
+
 class Run:
     """One stage's run directory. Only the main process writes; every process may call."""
 
@@ -212,6 +215,25 @@ class Run:
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)}
         for tracker in self.trackers:
             tracker.log(scalars, step=step)
+
+    def result(self) -> str:
+        """The short block a stage prints at its end: where the run is, its steps and time, and the latest
+        value of each headline metric it logged (training loss and accuracy, reward and KL, held-out figures).
+
+        >>> import tempfile; run = Run(Path(tempfile.mkdtemp()), "sft")
+        >>> run.log(1, loss=2.0, lr=1e-5); run.log(2, loss=1.5, eval_loss=1.75)
+        >>> print(run.result().replace(str(run.path), "RUN"))  # doctest: +ELLIPSIS
+        done: RUN (2 steps, ... s)
+          loss 1.5  eval_loss 1.75
+        """
+        latest: dict = {}
+        for row in self.metrics():
+            latest.update(row)
+        shown = [f"{k} {latest[k]:.4g}" for k in latest
+                 if (k in RESULT_KEYS or k.startswith(("eval_", "heldout_"))) and isinstance(latest[k], (int, float))
+                 and not isinstance(latest[k], bool)]
+        head = f"done: {self.path} ({latest.get('step', 0)} steps, {latest.get('time', 0.0):.0f} s)"
+        return head + ("\n  " + "  ".join(shown) if shown else "")
 
     def metrics(self) -> list[dict]:
         path = self.path / "metrics.jsonl"

@@ -256,7 +256,7 @@ def run(cfg: DPOConfig) -> Run:
             log(f"curves: {run.path / 'curves.png'}")
         run.save_final(lambda folder: save_hf(accelerator, model, tokenizer, folder))
         run.finish(**summary)
-        log(f"done: {run.path}")
+        log(run.result())
         return run
 
 

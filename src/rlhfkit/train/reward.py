@@ -306,7 +306,7 @@ def run(cfg: RMConfig) -> Run:
 
         run.save_final(save)
         run.finish(**summary)
-        log(f"done: {run.path}")
+        log(run.result())
         return run
 
 

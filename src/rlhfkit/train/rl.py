@@ -325,7 +325,7 @@ def finish(s: RLSetup, cfg, policy, curves: list[str]):
     run.finish(**summary)
     if accelerator.is_main_process:
         s.log(f"report: {write_report(run.path)}")
-    s.log(f"done: {run.path}")
+    s.log(run.result())
     return run
 
 

@@ -123,7 +123,7 @@ def run(cfg: SFTConfig) -> Run:
             log(f"eval loss {summary['eval_loss']:.4f} on {len(eval_set)} examples")
         run.save_final(lambda folder: save_hf(accelerator, model, tokenizer, folder))
         run.finish(**summary)
-        log(f"done: {run.path}")
+        log(run.result())
         return run
 
 
