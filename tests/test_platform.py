@@ -2,6 +2,7 @@
 through fp32 kernels on CPUs without bf16 units."""
 
 import json
+import os
 import subprocess
 import types
 
@@ -158,3 +159,15 @@ def test_a_stage_prints_one_start_line_and_saves_the_resolved_precision(tmp_path
     assert manifest["precision"] == {"choice": choice, "reason": reason}
     loud = subprocess.run(argv + ["--name", "loud", "--verbose"], capture_output=True, text=True, timeout=300)
     assert "# resolved SFTConfig" in loud.stderr and "lora_alpha: 32.0" in loud.stderr
+
+
+def test_a_onednn_isa_limit_below_bf16_means_no_bf16_units():
+    """ONEDNN_MAX_CPU_ISA=AVX2 keeps PyTorch's bf16 products off the bf16 units, so the CPU counts as one
+    without them: auto gives fp32 and a forced bf16 takes the route through the fp32 kernels."""
+    code = ("from rlhfkit.platform.kernels import cpu_has_native_bf16; "
+            "from rlhfkit.platform.placement import resolve_precision; "
+            "print(cpu_has_native_bf16(), resolve_precision('auto')[0])")
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "no"]

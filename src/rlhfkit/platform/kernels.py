@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import warnings
 import weakref
 
@@ -33,10 +34,18 @@ def cpu_has_native_bf16() -> bool:
     return units is None or bool(units)
 
 
+# oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) below which its kernels use no bf16 instructions
+ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_units() -> list[str] | None:
     """The CPU flags that name bf16 units (``avx512_bf16``, ``amx_bf16``, Arm's ``bf16``), sorted; None where
-    /proc/cpuinfo cannot be read."""
+    /proc/cpuinfo cannot be read. Empty when ``ONEDNN_MAX_CPU_ISA`` keeps oneDNN, which runs PyTorch's bf16
+    products on a CPU, below the ISAs that use them (``AVX2``, ``AVX512_CORE``, ...): the units are there
+    but unused, as on a CPU without them."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_BF16:
+        return []
     try:
         flags = {f for line in open("/proc/cpuinfo") if line.lower().startswith(("flags", "features"))
                  for f in line.split(":", 1)[1].split()}
