@@ -48,7 +48,9 @@ def resolve_precision(requested: str) -> tuple[str, str]:
         return "fp16", f"auto: {torch.cuda.get_device_name()} has no bf16, fp16 with loss scaling"
     if cpu_has_native_bf16():
         return "bf16", f"auto: this CPU has bf16 units: {', '.join(cpu_bf16_units() or ['flags unread'])}"
-    return "no", "auto: this CPU has no bf16 units, where bf16 products go through fp32 kernels and cost more"
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    where = f"oneDNN is limited to {limit} (ONEDNN_MAX_CPU_ISA)" if limit else "this CPU has no bf16 units"
+    return "no", f"auto: {where}, where bf16 products go through fp32 kernels and cost more"
 
 
 def precision_text(choice: str, reason: str) -> str:
