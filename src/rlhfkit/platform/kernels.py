@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (x86: AVX512-BF16 or AMX; Arm: the BF16
     extension). Without it PyTorch emulates bf16 matrix products, many times slower than fp32, and the
@@ -38,13 +37,19 @@ def cpu_has_native_bf16() -> bool:
 ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
+def onednn_limit_without_bf16() -> str:
+    """The ``ONEDNN_MAX_CPU_ISA`` limit when it keeps oneDNN below every ISA with bf16 instructions, else ''."""
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return limit if limit in ONEDNN_ISAS_WITHOUT_BF16 else ""
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_units() -> list[str] | None:
     """The CPU flags that name bf16 units (``avx512_bf16``, ``amx_bf16``, Arm's ``bf16``), sorted; None where
     /proc/cpuinfo cannot be read. Empty when ``ONEDNN_MAX_CPU_ISA`` keeps oneDNN, which runs PyTorch's bf16
     products on a CPU, below the ISAs that use them (``AVX2``, ``AVX512_CORE``, ...): the units are there
     but unused, as on a CPU without them."""
-    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_BF16:
+    if onednn_limit_without_bf16():
         return []
     try:
         flags = {f for line in open("/proc/cpuinfo") if line.lower().startswith(("flags", "features"))

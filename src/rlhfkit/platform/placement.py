@@ -22,7 +22,12 @@ from rlhfkit.platform.distributed import (
     fsdp_requested,
     shard_on_cpu,
 )
-from rlhfkit.platform.kernels import bf16_products_through_fp32, cpu_bf16_units, cpu_has_native_bf16
+from rlhfkit.platform.kernels import (
+    bf16_products_through_fp32,
+    cpu_bf16_units,
+    cpu_has_native_bf16,
+    onednn_limit_without_bf16,
+)
 
 
 def resolve_precision(requested: str) -> tuple[str, str]:
@@ -48,7 +53,7 @@ def resolve_precision(requested: str) -> tuple[str, str]:
         return "fp16", f"auto: {torch.cuda.get_device_name()} has no bf16, fp16 with loss scaling"
     if cpu_has_native_bf16():
         return "bf16", f"auto: this CPU has bf16 units: {', '.join(cpu_bf16_units() or ['flags unread'])}"
-    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    limit = onednn_limit_without_bf16()
     where = f"oneDNN is limited to {limit} (ONEDNN_MAX_CPU_ISA)" if limit else "this CPU has no bf16 units"
     return "no", f"auto: {where}, where bf16 products go through fp32 kernels and cost more"
 

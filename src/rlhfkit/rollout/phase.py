@@ -167,8 +167,9 @@ class Reference:
             self.copy.eval()
             for p in self.copy.parameters():
                 p.requires_grad_(False)
-            if autocast_dtype(mixed_precision) is not None:
-                self.copy.to(autocast_dtype(mixed_precision))
+            half = autocast_dtype(mixed_precision)
+            if half is not None:
+                self.copy.to(half)
 
     def to(self, device) -> Reference:
         if self.copy is not None:

@@ -91,7 +91,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator]
         u = torch.cat([torch.rand(1, generator=g) for g in generator])[:, None].to(probs.device)
     else:
         u = torch.rand(b, 1, generator=generator, device=probs.device)
-    blocks = F.pad(probs, (0, (-v) % block)).view(b, -1, block)
+    blocks = (F.pad(probs, (0, -v % block)) if v % block else probs).reshape(b, -1, block)  # no copy at V = 49,152
     cdf = blocks.sum(-1).cumsum(-1)  # (B, V / block)
     u = u * cdf[:, -1:]
     last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True)  # the last block with positive mass
